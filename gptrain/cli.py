@@ -1,0 +1,50 @@
+"""The `gptrain` console script: one subcommand per concern.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets
+`func` to a callable taking the parsed arguments and returning an exit status. Modules
+are imported only when listed here, so `gptrain --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gptrain.errors import GptrainError
+
+# (module, ...) in the order `gptrain --help` lists them.
+COMMAND_MODULES = [
+    "gptrain.data.cli",
+    "gptrain.models.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptrain",
+        description="Pretrain GPT-2 and Llama-style models on Project Gutenberg.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (GptrainError, FileNotFoundError) as err:
+        print(f"gptrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
