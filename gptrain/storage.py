@@ -41,6 +41,11 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def is_dir(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.isdir(path)
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:

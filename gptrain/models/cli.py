@@ -1,0 +1,57 @@
+"""`gptrain generate`: sample text from pretrained weights or a gptrain run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a weights folder or a gptrain run",
+        description="Generate text with a KV cache. WEIGHTS is an HF-layout folder (GPT-2 or Llama), "
+        "a reference-book .pth state dict, Meta's original Llama layout, or a gptrain run directory.",
+    )
+    p.add_argument("--weights", required=True, help="weights folder/file or gptrain run directory")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for a batch (batched prompts are printed at the end)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or tokenizer.model path (default: from the weights)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default keeps the stored dtype")
+    p.add_argument("--no-stream", action="store_true", help="print the text once generation is finished")
+    p.add_argument("--no-cache", action="store_true", help="recompute every position at each step (for checking)")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from gptrain.device import resolve_device, resolve_dtype
+    from gptrain.models.generation import SamplingConfig, generate, generate_stream
+    from gptrain.models.weights import load_pretrained
+    from gptrain.tokenizer import StreamingDecoder, tokenizer_for_model
+
+    device = resolve_device(args.device)
+    model = load_pretrained(args.weights, device=device, dtype=resolve_dtype(args.dtype, device))
+    tokenizer = tokenizer_for_model(args.weights, model.config.family, override=args.tokenizer)
+    config = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop_ids=tuple(tokenizer.stop_ids), use_cache=not args.no_cache,
+    )
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    if len(prompts) == 1 and not args.no_stream:
+        decoder = StreamingDecoder(tokenizer)
+        sys.stdout.write(args.prompt[0])
+        for step in generate_stream(model, prompts, config):
+            if step[0] is not None:
+                sys.stdout.write(decoder.push(step[0]))
+                sys.stdout.flush()
+        sys.stdout.write(decoder.flush() + "\n")
+        return 0
+    for text, new_tokens in zip(args.prompt, generate(model, prompts, config)):
+        print(text + tokenizer.decode(new_tokens))
+    return 0
