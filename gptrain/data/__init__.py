@@ -1,0 +1,1 @@
+"""Data pipeline: download Project Gutenberg books, prepare token shards, load batches."""

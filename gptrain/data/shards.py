@@ -1,0 +1,195 @@
+"""Token shard files: a 32-byte header, then the tokens as little-endian unsigned integers.
+
+    offset  size  field
+    0       8     magic  b"GPTRTOKS"
+    8       4     format version (uint32, currently 1)
+    12      4     bytes per token (uint32: 2 = uint16, 4 = uint32)
+    16      8     token count (uint64)
+    24      8     zero padding, so the tokens start 32-byte aligned when memory-mapped
+
+A shard is written under a temporary name and renamed (or PUT whole to object storage),
+so a file with a shard's name is always complete; its sha256 in the manifest catches
+anything that changed it afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptrain import storage
+from gptrain.errors import GptrainError
+
+MAGIC = b"GPTRTOKS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQ8x")
+HEADER_SIZE = HEADER.size  # 32
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_HASH_BLOCK = 8 << 20
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 when every token id fits (GPT-2: 50257), else uint32."""
+    return _DTYPES[2] if n_vocab <= 1 << 16 else _DTYPES[4]
+
+
+def encode_shard(tokens: np.ndarray, dtype: np.dtype) -> bytes:
+    header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(tokens))
+    return header + np.ascontiguousarray(tokens, dtype=dtype).tobytes()
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    dtype: np.dtype
+    num_tokens: int
+
+
+def parse_header(data: bytes, name: str) -> ShardHeader:
+    """Check the header of file `name` (its first HEADER_SIZE bytes)."""
+    if len(data) < HEADER_SIZE:
+        raise GptrainError(f"{name}: not a gptrain token shard (only {len(data)} bytes)")
+    magic, version, itemsize, num_tokens = HEADER.unpack(data[:HEADER_SIZE])
+    if magic != MAGIC:
+        raise GptrainError(f"{name}: not a gptrain token shard (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise GptrainError(f"{name}: shard format version {version}, this gptrain reads version {VERSION}")
+    if itemsize not in _DTYPES:
+        raise GptrainError(f"{name}: shard has {itemsize}-byte tokens; only 2 or 4 are valid")
+    return ShardHeader(dtype=_DTYPES[itemsize], num_tokens=num_tokens)
+
+
+def open_tokens(path: str) -> np.ndarray:
+    """Memory-map a local shard's tokens (read-only) after checking its header against its size."""
+    with open(path, "rb") as f:
+        header = parse_header(f.read(HEADER_SIZE), path)
+        expected = HEADER_SIZE + header.num_tokens * header.dtype.itemsize
+        actual = os.fstat(f.fileno()).st_size
+        if actual != expected:
+            raise GptrainError(
+                f"{path}: shard is {actual} bytes but its header says {header.num_tokens} tokens ({expected} bytes)"
+            )
+        if header.num_tokens == 0:
+            return np.zeros(0, dtype=header.dtype)  # mmap refuses empty maps
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    # Training reads small windows in random order: readahead would fetch far more from
+    # disk (or a network filesystem) than a window needs.
+    mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=header.dtype, count=header.num_tokens, offset=HEADER_SIZE)
+
+
+def sha256_of(url: str) -> str:
+    """sha256 of a local file or fsspec URL, read in blocks so memory stays small."""
+    fs, path = storage.filesystem(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksum(url: str, expected_sha256: str) -> None:
+    try:
+        actual = sha256_of(url)
+    except FileNotFoundError as err:
+        raise GptrainError(f"{url}: shard listed in the manifest is missing") from err
+    if actual != expected_sha256:
+        raise GptrainError(
+            f"{url}: shard is corrupt: sha256 {actual[:16]}... does not match the manifest's {expected_sha256[:16]}..."
+        )
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("GPTRAIN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gptrain")
+
+
+def local_copy(url: str, sha256: str, cache_dir: str | None = None, verify: bool = True) -> str:
+    """A local path to shard `url`: the file itself when it is local, else a cached copy.
+
+    Cached copies are named by their sha256 and only renamed into place after the
+    checksum matched, so a file in the cache is known good (and shared between datasets).
+    """
+    if storage.is_local(url):
+        path = storage.filesystem(url)[1]
+        if verify:
+            verify_checksum(path, sha256)
+        return path
+    cache = os.path.join(cache_dir or default_cache_dir(), "shards")
+    cached = os.path.join(cache, f"{sha256}.bin")
+    if os.path.exists(cached):
+        return cached
+    os.makedirs(cache, exist_ok=True)
+    tmp = f"{cached}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, remote = storage.filesystem(url)
+    try:
+        try:
+            fs.get_file(remote, tmp)
+        except FileNotFoundError as err:
+            raise GptrainError(f"{url}: shard listed in the manifest is missing") from err
+        actual = sha256_of(tmp)
+        if actual != sha256:
+            raise GptrainError(
+                f"{url}: shard is corrupt: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}..."
+            )
+        os.replace(tmp, cached)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return cached
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the manifests say about one shard; `path` is relative to the dataset root."""
+
+    path: str
+    split: str
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of `shard_tokens` tokens (the last may be short).
+
+    Shards hold a stretch of the stream, not whole documents: a document may continue in the
+    next shard, and readers see the split as the concatenation of its shards.
+    """
+
+    def __init__(self, dataset: str, name_prefix: str, split: str, shard_tokens: int, dtype: np.dtype):
+        self.dataset, self.name_prefix, self.split = dataset, name_prefix, split
+        self.shard_tokens, self.dtype = shard_tokens, dtype
+        self.num_tokens = 0  # tokens added so far: the next document's offset in the stream
+        self.records: list[ShardRecord] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._pending.append(tokens)
+        self._pending_tokens += len(tokens)
+        self.num_tokens += len(tokens)
+        if self._pending_tokens >= self.shard_tokens:
+            stream = np.concatenate(self._pending)
+            full = len(stream) // self.shard_tokens * self.shard_tokens
+            for start in range(0, full, self.shard_tokens):
+                self._write(stream[start : start + self.shard_tokens])
+            self._pending = [stream[full:]]
+            self._pending_tokens = len(stream) - full
+
+    def close(self) -> list[ShardRecord]:
+        if self._pending_tokens:
+            self._write(np.concatenate(self._pending))
+        self._pending, self._pending_tokens = [], 0
+        return self.records
+
+    def _write(self, tokens: np.ndarray) -> None:
+        data = encode_shard(tokens, self.dtype)
+        path = f"shards/{self.split}-{self.name_prefix}-{len(self.records):05d}.bin"
+        storage.write_bytes_atomic(storage.join(self.dataset, path), data)
+        sha256 = hashlib.sha256(data).hexdigest()
+        self.records.append(ShardRecord(path, self.split, tokens=len(tokens), bytes=len(data), sha256=sha256))
