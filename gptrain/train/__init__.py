@@ -1,0 +1,1 @@
+"""Pretraining: the step loop (trainer), optimizer, evaluation, metrics, logging and the loss plot."""

@@ -1,0 +1,32 @@
+"""`gptrain train`: pretrain a model from a preset or YAML config, with key=value overrides.
+
+    gptrain train --config debug data.path=DATASET train.run_dir=runs/debug
+    torchrun --nproc-per-node=8 -m gptrain train --config gpt2-124m-gutenberg data.path=s3://bucket/gutenberg
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pretrain a model (one process, or each rank under torchrun/Slurm/Kubernetes)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("\n\n")[1],
+    )
+    parser.add_argument("--config", required=True, metavar="NAME_OR_FILE",
+                        help="a shipped preset (a file name in gptrain/presets/, without .yaml) or a YAML file/URL")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides such as data.path=DATASET train.max_steps=200 optim.lr=3e-4")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from gptrain.config import load_config
+    from gptrain.train.trainer import train
+
+    train(load_config(args.config, args.overrides))
+    return 0

@@ -1,0 +1,57 @@
+"""Evaluation during training: validation loss over a fixed set of windows, and a text sample.
+
+The validation windows are the same at every evaluation (evenly spaced over the split, see
+`gptrain.data.loader.eval_batches`), so successive losses are comparable, and split across
+ranks, whose sums are added up: the loss does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from gptrain.data.loader import TokenDataset, eval_batches
+from gptrain.distributed import DistEnv, all_reduce_sum
+from gptrain.models.generation import SamplingConfig, generate
+from gptrain.models.transformer import Transformer
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Transformer,
+    dataset: TokenDataset,
+    batch_size: int,
+    max_windows: int,
+    env: DistEnv,
+    autocast: contextlib.AbstractContextManager,
+) -> float:
+    """Mean cross-entropy per token over the first `max_windows` validation windows, all ranks."""
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (summed loss, tokens)
+    context_length = model.config.context_length
+    for x, y in eval_batches(dataset, context_length, batch_size, max_windows, "val", env.rank, env.world_size):
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits = model(x)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        totals[1] += y.numel()
+    all_reduce_sum(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+def sample_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    """The prompt and its continuation, generated in full precision; stops at `<|endoftext|>`."""
+    was_training = model.training
+    model.eval()
+    config = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_ids=(tokenizer.eot_id,)
+    )
+    prompt_ids = tokenizer.encode(prompt)
+    (new_ids,) = generate(model, [prompt_ids], config)
+    model.train(was_training)
+    return tokenizer.decode(prompt_ids + new_ids)

@@ -1,0 +1,129 @@
+"""Where the trainer's metrics go: console lines, RUN_DIR/metrics.jsonl and Weights & Biases.
+
+Only rank 0 creates a `MetricsLogger` that writes; the other ranks get one with
+`enabled=False`, which drops everything, so the trainer calls it unconditionally.
+
+metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", ...} every
+`train.log_every` steps and {"kind": "eval", "step", "val_loss", ...} at each evaluation.
+On a local run directory each record is appended and flushed as it is logged; object stores
+cannot append, so there the whole file is rewritten at `flush()` (each evaluation and the end).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any
+
+from gptrain import storage
+from gptrain.config import RunConfig
+from gptrain.errors import GptrainError
+from gptrain.train.plot import write_loss_plot
+
+log = logging.getLogger("gptrain")
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLogger:
+    def __init__(self, config: RunConfig, enabled: bool):
+        self.config, self.enabled = config, enabled
+        self.run_dir = config.train.run_dir
+        self.records: list[dict[str, Any]] = []
+        self._local = storage.is_local(self.run_dir)
+        self._wandb_run = None
+        if not enabled:
+            return
+        wandb = _import_wandb() if config.logging.wandb else None  # fails before anything is written
+        storage.write_bytes_atomic(storage.join(self.run_dir, CONFIG_FILE), config.to_yaml().encode())
+        if config.logging.jsonl and self._local:
+            storage.write_bytes_atomic(self.metrics_url, b"")  # a fresh run starts a fresh file
+        if wandb is not None:
+            self._wandb_run = _start_wandb(wandb, config)
+
+    @property
+    def metrics_url(self) -> str:
+        return storage.join(self.run_dir, METRICS_FILE)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            log.info(message)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One record: to metrics.jsonl, to W&B (numbers, keyed by step), and a console line."""
+        if not self.enabled:
+            return
+        self.records.append(record)
+        if self.config.logging.jsonl and self._local:
+            fs, path = storage.filesystem(self.metrics_url)
+            with fs.open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            prefix = "train" if record["kind"] == "train" else "eval"
+            values = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("kind", "step") and v is not None}
+            self._wandb_run.log(values, step=record["step"])
+        log.info(format_record(record))
+
+    def flush(self) -> None:
+        """Write what the evaluations add up to: the loss plot, and metrics.jsonl on object stores."""
+        if not self.enabled:
+            return
+        if self.config.logging.jsonl and not self._local:
+            text = "".join(json.dumps(record) + "\n" for record in self.records)
+            storage.write_bytes_atomic(self.metrics_url, text.encode())
+        if self.config.logging.plot:
+            write_loss_plot(self.records, storage.join(self.run_dir, PLOT_FILE), title=self.run_dir)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+            self._wandb_run.finish()
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """A console line for a metrics record."""
+    if record["kind"] == "eval":
+        line = f"eval step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+        if record.get("sample") is not None:
+            line += f"\n  sample: {record['sample']!r}"
+        return line
+    mfu = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
+    return (
+        f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"tokens {record['tokens_seen']:,} | mfu {mfu} | mem {record['peak_memory_gib']:.2f} GiB"
+    )
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
+
+
+def _import_wandb():
+    try:
+        import wandb
+    except ImportError as err:
+        raise GptrainError(
+            "logging.wandb=true but the wandb package is not installed: pip install 'gptrain[wandb]' "
+            "(or set logging.wandb=false)"
+        ) from err
+    return wandb
+
+
+def _start_wandb(wandb, config: RunConfig):
+    settings = config.logging
+    # W&B keeps its files (offline runs included) in the run directory when that is local.
+    local_dir = config.train.run_dir if storage.is_local(config.train.run_dir) else None
+    return wandb.init(
+        project=settings.wandb_project,
+        name=settings.wandb_run_name,
+        tags=settings.wandb_tags,
+        config=config.to_dict(),
+        dir=local_dir,
+    )

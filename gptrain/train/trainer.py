@@ -1,0 +1,262 @@
+"""The trainer: build the pieces from a `RunConfig`, then run the step loop.
+
+    train(config)                  one run, single process or one rank of a DDP job
+      Trainer(config, env)         model, optimizer, data, logger (the build_* functions)
+        .fit()                     the step loop: train_step, logging, evaluations, summary
+
+One optimizer step: `grad_accum_steps` micro-batches of `micro_batch_size` windows per rank,
+the loss of each scaled by 1/grad_accum_steps so the gradients add up to the mean; DDP
+all-reduces (averages) the gradients on the last micro-batch only. Then the global gradient
+norm is clipped and AdamW steps at the scheduled learning rate. With W ranks, a step sees
+W * grad_accum_steps * micro_batch_size windows; the loader hands each rank its own.
+
+All state that changes while training lives in `TrainState`, so saving and resuming a run
+means saving and restoring that object (and the RNG states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gptrain.config import RunConfig, lr_at
+from gptrain.data.loader import TokenDataset, TokenLoader
+from gptrain.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
+from gptrain.errors import GptrainError
+from gptrain.models.config import ModelConfig
+from gptrain.models.transformer import Transformer, count_parameters
+from gptrain.train.evaluate import sample_text, validation_loss
+from gptrain.train.logger import MetricsLogger, perplexity
+from gptrain.train.metrics import memory_kind, mfu, peak_flops, peak_memory_gib
+from gptrain.train.optim import build_optimizer, set_learning_rate
+
+
+@dataclass
+class TrainState:
+    """Everything that changes as training runs (besides the global RNG states, which dropout uses)."""
+
+    model: Transformer  # the bare model: not wrapped by DDP or torch.compile
+    optimizer: torch.optim.Optimizer
+    loader: TokenLoader
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0  # training tokens consumed by all ranks together
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Run one training (this process's rank of it); returns the final summary."""
+    env = init_distributed(config.train.resolved_device())
+    try:
+        return Trainer(config, env).fit()
+    finally:
+        destroy_distributed()
+
+
+def open_dataset(config: RunConfig, model_config: ModelConfig) -> TokenDataset:
+    """The prepared dataset, refused when its tokenizer's vocabulary is not the model's."""
+    if config.data.path is None:
+        raise GptrainError("data.path is not set: pass data.path=DATASET (a folder or URL from `gptrain data prepare`)")
+    dataset = TokenDataset(config.data.path)
+    if dataset.vocab_size != model_config.vocab_size:
+        raise GptrainError(
+            f"data.path={config.data.path!r} was tokenized with a {dataset.vocab_size}-token vocabulary "
+            f"({dataset.tokenizer_spec.get('name', '?')}), but model.vocab_size is {model_config.vocab_size}: "
+            "prepare the data with the model's tokenizer or set model.vocab_size to match"
+        )
+    return dataset
+
+
+def build_model(model_config: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    return Transformer(model_config).to(device)
+
+
+def wrap_model(model: Transformer, config: RunConfig, env: DistEnv, device: torch.device) -> nn.Module:
+    """The module the training step calls: compiled (optional) and DDP-wrapped (several ranks)."""
+    wrapped: nn.Module = torch.compile(model) if config.train.compile else model
+    if env.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, env: DistEnv):
+        self.config, self.env = config, env
+        train_cfg = config.train
+        device_type = train_cfg.resolved_device()
+        self.device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
+        self.dtype = train_cfg.resolved_dtype(device_type)
+        if device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs use autocast)
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
+
+        self.model_config = config.model.resolve()
+        self.dataset = open_dataset(config, self.model_config)
+        model = build_model(self.model_config, self.device, train_cfg.seed)
+        torch.manual_seed(train_cfg.seed + env.rank)  # dropout masks differ between ranks
+        loader = TokenLoader(
+            self.dataset, self.model_config.context_length, train_cfg.micro_batch_size, "train",
+            seed=train_cfg.seed, rank=env.rank, world_size=env.world_size, pin_memory=self.device.type == "cuda",
+        )
+        self.state = TrainState(model, build_optimizer(model, config.optim, self.device.type), loader)
+        self.train_model = wrap_model(model, config, env, self.device)
+        self.tokens_per_step = config.tokens_per_step(env.world_size)
+        self.total_steps = config.total_steps(self.tokens_per_step)
+        self.max_grad_norm = config.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
+        self.peak = peak_flops(self.device, self.dtype)
+        self.flops_per_token = self.model_config.flops_per_token(self.model_config.context_length)
+        self.logger = MetricsLogger(config, enabled=env.is_main)
+        self.tokenizer = None  # loaded on first use, on rank 0 only (it samples the text)
+        self.evals: list[dict[str, Any]] = []
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    def fit(self) -> dict[str, Any]:
+        """The step loop, from `state.step` to the end of the run."""
+        cfg, state = self.config, self.state
+        self._log_start()
+        if cfg.eval.every:
+            self.evaluate()  # where the validation curve starts
+        start = time.perf_counter()
+        while state.step < self.total_steps:
+            loss, grad_norm, lr = self.train_step()
+            last = state.step == self.total_steps
+            if state.step % cfg.train.log_every == 0 or last:
+                self.log_train_step(loss, grad_norm, lr)
+            if (cfg.eval.every and state.step % cfg.eval.every == 0) or last:
+                self.evaluate()
+        return self.finish(time.perf_counter() - start)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step at the scheduled learning rate; returns (loss, gradient norm, lr)."""
+        state = self.state
+        lr = lr_at(state.step, self.config.schedule, self.config.optim.lr, self.total_steps)
+        set_learning_rate(state.optimizer, lr)
+        loss = self.forward_backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), self.max_grad_norm)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        return loss, grad_norm, lr
+
+    def forward_backward(self) -> torch.Tensor:
+        """Accumulate one optimizer step's gradients; returns this rank's mean loss (on device)."""
+        accum = self.config.train.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.state.loader.next_batch())
+            with self._gradient_sync(micro == accum - 1):
+                with self.autocast:
+                    logits = self.train_model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
+                loss.backward()
+            total += loss.detach()
+        return total
+
+    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients in backward; micro-batches before the last skip it (no_sync)."""
+        if enabled or self.env.world_size == 1:
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
+
+    def log_train_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        state = self.state
+        window_s = time.perf_counter() - self._window_start
+        tokens_per_s = (state.tokens_seen - self._window_tokens) / max(window_s, 1e-9)
+        # Loss: the mean over ranks. Throughput: every rank's tokens/s, added up.
+        stats = all_reduce_mean(torch.stack([loss.float(), torch.tensor(tokens_per_s, device=self.device)]))
+        loss_value, tokens_per_s = stats[0].item(), stats[1].item() * self.env.world_size
+        self.logger.log({
+            "kind": "train",
+            "step": state.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": state.tokens_seen,
+            "mfu": mfu(self.flops_per_token, tokens_per_s, self.peak, self.env.world_size),
+            "peak_memory_gib": peak_memory_gib(self.device),
+        })
+        self._window_start, self._window_tokens = time.perf_counter(), state.tokens_seen
+
+    def evaluate(self) -> None:
+        cfg, state = self.config.eval, self.state
+        val_loss = validation_loss(
+            state.model, self.dataset, self.config.train.micro_batch_size, cfg.max_windows, self.env, self.autocast
+        )
+        sample = None
+        if self.env.is_main and cfg.sample_prompt and cfg.sample_max_new_tokens:
+            if self.tokenizer is None:
+                from gptrain.tokenizer import tokenizer_from_spec
+
+                self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
+            sample = sample_text(
+                state.model, self.tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens,
+                cfg.sample_temperature, seed=self.config.train.seed,
+            )
+        record = {
+            "kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen,
+            "val_loss": val_loss, "val_ppl": perplexity(val_loss), "sample": sample,
+        }
+        self.evals.append(record)
+        self.logger.log(record)
+        self.logger.flush()
+        # Evaluation time is not training time: restart the throughput window.
+        self._window_start, self._window_tokens = time.perf_counter(), state.tokens_seen
+
+    def _log_start(self) -> None:
+        cfg, env, mc = self.config, self.env, self.model_config
+        info = self.logger.info
+        info(f"run directory {cfg.train.run_dir}; data {cfg.data.path} (fingerprint {self.dataset.fingerprint[:12]})")
+        info(
+            f"model {cfg.model.name}: {count_parameters(self.state.model):,} parameters, {mc.n_layers} layers, "
+            f"d_model {mc.d_model}, context {mc.context_length}, {self.flops_per_token / 1e6:,.1f} MFLOPs/token"
+        )
+        info(
+            f"{env.world_size} rank(s) on {self.device.type}, {self.dtype}"
+            f"{', torch.compile' if cfg.train.compile else ''}; optimizer {type(self.state.optimizer).__name__}"
+            f"{' (GaLore)' if cfg.optim.galore.enabled else ''}"
+        )
+        info(
+            f"{self.total_steps:,} steps of {self.tokens_per_step:,} tokens ({env.world_size} rank(s) x "
+            f"{cfg.train.grad_accum_steps} accumulation x {cfg.train.micro_batch_size} windows x "
+            f"{mc.context_length} tokens); {self.state.loader.num_windows:,} training windows per epoch"
+        )
+        info(f"{self.peak.describe()}; memory = {memory_kind(self.device)}")
+
+    def finish(self, elapsed_s: float) -> dict[str, Any]:
+        state = self.state
+        last_train = next((r for r in reversed(self.logger.records) if r["kind"] == "train"), None)
+        summary = {
+            "steps": state.step,
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": elapsed_s,
+            "train_loss": last_train["loss"] if last_train else None,
+            "first_val_loss": self.evals[0]["val_loss"] if self.evals else None,
+            "val_loss": self.evals[-1]["val_loss"] if self.evals else None,
+            "val_ppl": self.evals[-1]["val_ppl"] if self.evals else None,
+            "sample": self.evals[-1]["sample"] if self.evals else None,
+            "run_dir": self.config.train.run_dir,
+        }
+        self.logger.finish(summary)
+        info = self.logger.info
+        info(f"done: {state.step:,} steps, {state.tokens_seen:,} tokens in {elapsed_s:,.1f} s")
+        if self.evals:
+            info(
+                f"validation loss {summary['first_val_loss']:.4f} (step {self.evals[0]['step']}) -> "
+                f"{summary['val_loss']:.4f} (step {self.evals[-1]['step']}), perplexity {summary['val_ppl']:.2f}"
+            )
+        if summary["sample"] is not None:
+            info(f"sample: {summary['sample']!r}")
+        logging_cfg = self.config.logging
+        files = ["config.yaml"] + ["metrics.jsonl"] * logging_cfg.jsonl + ["loss.png"] * logging_cfg.plot
+        info(f"wrote {', '.join(files)} in {self.config.train.run_dir}")
+        return summary
