@@ -18,6 +18,11 @@ from gptrain.errors import GptrainError
 COMMAND_MODULES = [
     "gptrain.data.cli",
     "gptrain.models.cli",
+    "gptrain.chat.cli",
+    "gptrain.train.cli",
+    "gptrain.sweep.cli",
+    "gptrain.checkpoint.export",
+    "gptrain.tokenizer",
 ]
 
 

@@ -204,6 +204,9 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto: the newest checkpoint in run_dir if any; none: start fresh; else a checkpoint URL
     init_from: str | None = None  # model weights folder to start from (fresh optimizer, step 0)
+    # After a preemption save under Slurm, `scontrol requeue` the job? auto: for SIGUSR1/SIGUSR2
+    # (the time-limit warning), not for SIGTERM (scancel); see gptrain/checkpoint/preemption.py.
+    requeue: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _non_negative("checkpoint.every", self.every, " (0: only at the end)")

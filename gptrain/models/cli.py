@@ -6,6 +6,23 @@ import argparse
 import sys
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--weights and how to load them; shared with `gptrain chat`."""
+    p.add_argument("--weights", required=True, help="weights folder/file or gptrain run directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or tokenizer.model path (default: from the weights)")
+    p.add_argument("--device", default="auto", help="default: CUDA, then Apple MPS, then the CPU")
+    p.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default keeps the stored dtype")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    """How to pick tokens; shared with `gptrain chat` (its initial chat settings)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
@@ -13,31 +30,23 @@ def register(subparsers) -> None:
         description="Generate text with a KV cache. WEIGHTS is an HF-layout folder (GPT-2 or Llama), "
         "a reference-book .pth state dict, Meta's original Llama layout, or a gptrain run directory.",
     )
-    p.add_argument("--weights", required=True, help="weights folder/file or gptrain run directory")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch (batched prompts are printed at the end)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--tokenizer", default=None, help="tokenizer name or tokenizer.model path (default: from the weights)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default keeps the stored dtype")
     p.add_argument("--no-stream", action="store_true", help="print the text once generation is finished")
     p.add_argument("--no-cache", action="store_true", help="recompute every position at each step (for checking)")
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gptrain.device import resolve_device, resolve_dtype
     from gptrain.models.generation import SamplingConfig, generate, generate_stream
-    from gptrain.models.weights import load_pretrained
-    from gptrain.tokenizer import StreamingDecoder, tokenizer_for_model
+    from gptrain.models.loading import load_model_and_tokenizer
+    from gptrain.tokenizer import StreamingDecoder
 
-    device = resolve_device(args.device)
-    model = load_pretrained(args.weights, device=device, dtype=resolve_dtype(args.dtype, device))
-    tokenizer = tokenizer_for_model(args.weights, model.config.family, override=args.tokenizer)
+    loaded = load_model_and_tokenizer(args.weights, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tokenizer = loaded.model, loaded.tokenizer
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop_ids=tuple(tokenizer.stop_ids), use_cache=not args.no_cache,

@@ -72,6 +72,10 @@ def load_pretrained(
     `preset` names the GPT-2 preset whose head count a reference-book .pth (which stores
     no config) should use when its depth and width match no preset.
     """
+    from gptrain.checkpoint.export import is_gptrain_checkpoint, load_model_from_checkpoint
+
+    if is_gptrain_checkpoint(path):  # a gptrain run directory (its newest checkpoint) or checkpoint folder
+        return load_model_from_checkpoint(path, device, dtype)
     with _local_copy(path) as local:
         layout, checkpoint = _open(local, preset)
         _check(layout, checkpoint)

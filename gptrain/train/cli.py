@@ -25,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
     from gptrain.config import load_config
     from gptrain.train.trainer import train
 
-    train(load_config(args.config, args.overrides))
-    return 0
+    summary = train(load_config(args.config, args.overrides))
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0

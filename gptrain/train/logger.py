@@ -7,6 +7,10 @@ metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", 
 `train.log_every` steps and {"kind": "eval", "step", "val_loss", ...} at each evaluation.
 On a local run directory each record is appended and flushed as it is logged; object stores
 cannot append, so there the whole file is rewritten at `flush()` (each evaluation and the end).
+
+A resumed run keeps the records up to its checkpoint's step and drops later ones (logged by
+a process that died before its next checkpoint: those steps are trained again), and
+continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ PLOT_FILE = "loss.png"
 
 
 class MetricsLogger:
-    def __init__(self, config: RunConfig, enabled: bool):
+    def __init__(
+        self, config: RunConfig, enabled: bool, resume_step: int | None = None, wandb_run_id: str | None = None
+    ):
         self.config, self.enabled = config, enabled
         self.run_dir = config.train.run_dir
         self.records: list[dict[str, Any]] = []
@@ -39,10 +45,17 @@ class MetricsLogger:
             return
         wandb = _import_wandb() if config.logging.wandb else None  # fails before anything is written
         storage.write_bytes_atomic(storage.join(self.run_dir, CONFIG_FILE), config.to_yaml().encode())
-        if config.logging.jsonl and self._local:
-            storage.write_bytes_atomic(self.metrics_url, b"")  # a fresh run starts a fresh file
+        if resume_step is not None and config.logging.jsonl and storage.exists(self.metrics_url):
+            lines = storage.read_bytes(self.metrics_url).decode().splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+        if config.logging.jsonl and self._local:  # empty for a fresh run; the records kept for a resumed one
+            storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
         if wandb is not None:
-            self._wandb_run = _start_wandb(wandb, config)
+            self._wandb_run = _start_wandb(wandb, config, wandb_run_id)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self._wandb_run.id if self._wandb_run is not None else None
 
     @property
     def metrics_url(self) -> str:
@@ -72,8 +85,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.config.logging.jsonl and not self._local:
-            text = "".join(json.dumps(record) + "\n" for record in self.records)
-            storage.write_bytes_atomic(self.metrics_url, text.encode())
+            storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
         if self.config.logging.plot:
             write_loss_plot(self.records, storage.join(self.run_dir, PLOT_FILE), title=self.run_dir)
 
@@ -101,6 +113,10 @@ def format_record(record: dict[str, Any]) -> str:
     )
 
 
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(record) + "\n" for record in records).encode()
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows a float past ~709
 
@@ -116,7 +132,8 @@ def _import_wandb():
     return wandb
 
 
-def _start_wandb(wandb, config: RunConfig):
+def _start_wandb(wandb, config: RunConfig, run_id: str | None):
+    """A new W&B run, or with `run_id` (from the checkpoint) the same run continued."""
     settings = config.logging
     # W&B keeps its files (offline runs included) in the run directory when that is local.
     local_dir = config.train.run_dir if storage.is_local(config.train.run_dir) else None
@@ -126,4 +143,6 @@ def _start_wandb(wandb, config: RunConfig):
         tags=settings.wandb_tags,
         config=config.to_dict(),
         dir=local_dir,
+        id=run_id,
+        resume="allow" if run_id else None,
     )

@@ -11,12 +11,16 @@ norm is clipped and AdamW steps at the scheduled learning rate. With W ranks, a 
 W * grad_accum_steps * micro_batch_size windows; the loader hands each rank its own.
 
 All state that changes while training lives in `TrainState`, so saving and resuming a run
-means saving and restoring that object (and the RNG states).
+means saving and restoring that object (and the RNG states): gptrain.checkpoint does both.
+Rerunning the same command with the same train.run_dir resumes from the newest committed
+checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the ranks stop together at a step boundary, save, and
+the process exits with PREEMPTED_EXIT_CODE (75).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptrain.checkpoint.checkpointer import Checkpointer
+from gptrain.checkpoint.preemption import Preemption, PreemptionHandler, requeue_slurm_job, should_requeue
 from gptrain.config import RunConfig, lr_at
 from gptrain.data.loader import TokenDataset, TokenLoader
-from gptrain.distributed import DistEnv, all_reduce_mean, destroy_distributed, init_distributed
+from gptrain.distributed import DistEnv, all_reduce_mean, broadcast_object, destroy_distributed, init_distributed
 from gptrain.errors import GptrainError
 from gptrain.models.config import ModelConfig
 from gptrain.models.transformer import Transformer, count_parameters
@@ -82,7 +88,14 @@ def wrap_model(model: Transformer, config: RunConfig, env: DistEnv, device: torc
     if env.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+        # find_unused_parameters=True also stops DDP from re-bucketing the gradients after the
+        # first step. A resumed run's first step would otherwise all-reduce in the initial
+        # bucket layout: with more than 2 ranks that sums in another order, and the weights
+        # would drift from an uninterrupted run's in the last bits. (One autograd-graph
+        # traversal per step.)
+        wrapped = DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
     return wrapped
 
 
@@ -107,13 +120,28 @@ class Trainer:
             seed=train_cfg.seed, rank=env.rank, world_size=env.world_size, pin_memory=self.device.type == "cuda",
         )
         self.state = TrainState(model, build_optimizer(model, config.optim, self.device.type), loader)
+        # Weights, optimizer, data position, counters and (last) the RNG states of a checkpoint,
+        # or checkpoint.init_from's weights for a fresh run. Nothing below draws random numbers.
+        self.checkpointer = Checkpointer(config, self.dataset, self.device)
+        self.resumed = self.checkpointer.resume(self.state)
         self.train_model = wrap_model(model, config, env, self.device)
         self.tokens_per_step = config.tokens_per_step(env.world_size)
         self.total_steps = config.total_steps(self.tokens_per_step)
+        if self.resumed is not None and config.train.max_tokens is not None:
+            # The budget left, in this world size's steps: a run resumed with a different number
+            # of ranks (tokens per step) still ends at max_tokens.
+            tokens_left = max(0, config.train.max_tokens - self.state.tokens_seen)
+            self.total_steps = self.state.step + math.ceil(tokens_left / self.tokens_per_step)
         self.max_grad_norm = config.optim.grad_clip or float("inf")  # inf: measure the norm, never clip
         self.peak = peak_flops(self.device, self.dtype)
         self.flops_per_token = self.model_config.flops_per_token(self.model_config.context_length)
-        self.logger = MetricsLogger(config, enabled=env.is_main)
+        resumed = self.resumed
+        self.logger = MetricsLogger(
+            config, enabled=env.is_main, resume_step=resumed.step if resumed else None,
+            wandb_run_id=resumed.wandb_run_id if resumed else None,
+        )
+        # Rank 0's W&B run id goes into every rank's checkpoint (they must all save the same).
+        self.checkpointer.wandb_run_id = broadcast_object(self.logger.wandb_run_id)
         self.tokenizer = None  # loaded on first use, on rank 0 only (it samples the text)
         self.evals: list[dict[str, Any]] = []
         self._window_start, self._window_tokens = time.perf_counter(), 0
@@ -122,17 +150,39 @@ class Trainer:
         """The step loop, from `state.step` to the end of the run."""
         cfg, state = self.config, self.state
         self._log_start()
-        if cfg.eval.every:
-            self.evaluate()  # where the validation curve starts
+        if cfg.eval.every and self.resumed is None:
+            self.evaluate()  # where the validation curve starts (a resumed run has logged it)
         start = time.perf_counter()
-        while state.step < self.total_steps:
-            loss, grad_norm, lr = self.train_step()
-            last = state.step == self.total_steps
-            if state.step % cfg.train.log_every == 0 or last:
-                self.log_train_step(loss, grad_norm, lr)
-            if (cfg.eval.every and state.step % cfg.eval.every == 0) or last:
-                self.evaluate()
+        with PreemptionHandler(self.device) as preemption:
+            while state.step < self.total_steps:
+                loss, grad_norm, lr = self.train_step()
+                last = state.step == self.total_steps
+                if state.step % cfg.train.log_every == 0 or last:
+                    self.log_train_step(loss, grad_norm, lr)
+                if (cfg.eval.every and state.step % cfg.eval.every == 0) or last:
+                    self.evaluate()
+                if self.checkpointer.due(state.step):
+                    self.checkpointer.save(state)
+                # A collective: every rank stops at this same step if any rank was signalled.
+                stop = preemption.agree()
+                if stop is not None:
+                    return self.stop_preempted(stop, time.perf_counter() - start)
+            self.checkpointer.save(state, blocking=True)  # the final weights, for export and generate
+            self.checkpointer.close()
         return self.finish(time.perf_counter() - start)
+
+    def stop_preempted(self, preemption: Preemption, elapsed_s: float) -> dict[str, Any]:
+        """Save synchronously (the process ends next), requeue the Slurm job if that is
+        configured or appropriate, and finish; the summary says `preempted`."""
+        self.checkpointer.save(self.state, blocking=True)
+        self.checkpointer.close()
+        self.logger.info(
+            f"preempted by {preemption.describe()} at step {self.state.step}: checkpoint committed "
+            f"{preemption.seconds_since_signal():.2f} s after the signal"
+        )
+        if should_requeue(preemption, self.config.checkpoint.requeue):
+            requeue_slurm_job()
+        return {**self.finish(elapsed_s), "preempted": True}
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step at the scheduled learning rate; returns (loss, gradient norm, lr)."""

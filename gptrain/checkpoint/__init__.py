@@ -1,0 +1,11 @@
+"""Preemption-safe sharded checkpoints: save, commit, resume, export.
+
+    commit.py        RUN_DIR/checkpoints/step-<N>/ folders, commit markers, latest, retention
+    store.py         what a checkpoint holds; writing/reading it with torch.distributed.checkpoint
+    checkpointer.py  the trainer's checkpointer: periodic/async/final saves and resuming
+    preemption.py    SIGTERM/SIGUSR1/SIGUSR2 -> agree at a step boundary -> save -> exit/requeue
+    export.py        `gptrain export`: a checkpoint as an HF-layout safetensors folder
+
+Nothing is imported here, so `gptrain --help` (which imports export.py for its parser) stays
+fast; import from the modules.
+"""

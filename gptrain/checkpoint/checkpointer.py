@@ -1,0 +1,328 @@
+"""The checkpointer of one run: when to save, the commit protocol, async saves, resuming.
+
+    checkpointer = Checkpointer(config, dataset, device)   # on every rank, same order
+    resumed = checkpointer.resume(state)       # checkpoint.resume / init_from; None: fresh start
+    ... each step:  if checkpointer.due(state.step): checkpointer.save(state)
+    ... preempted:  checkpointer.save(state, blocking=True)
+    checkpointer.close()                       # final save done by the caller; waits for any in flight
+
+Saving step N (every rank, same order):
+  1. wait for the previous async save to commit (at most one save in flight);
+  2. rank 0 clears RUN_DIR/checkpoints/step-N if a dead save left it, writes config.yaml;
+     barrier;
+  3. every rank writes its shard (DCP); asynchronously: after copying its state to CPU
+     memory, in a background thread, while training goes on;
+  4. barrier; rank 0 writes the commit marker, then applies retention.
+
+Checkpoint collectives run on a process group of their own (gloo, CPU): an async save's
+collectives run in a background thread while the training thread all-reduces gradients on
+the default group, and two threads must never interleave collectives on one group (the
+ranks could pair up different calls). DCP's async save also requires a CPU backend, and the
+default group is NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from gptrain import storage
+from gptrain.checkpoint import commit as commits
+from gptrain.checkpoint.commit import CheckpointError
+from gptrain.checkpoint.store import (
+    CONFIG_FILE,
+    Checkpointable,
+    ReusedCpuStaging,
+    TrainProgress,
+    read_into,
+    start_async_write,
+    state_to_save,
+    write_run_files,
+    write_shards,
+)
+from gptrain.config import RunConfig
+from gptrain.data.loader import TokenDataset
+from gptrain.distributed import any_rank, broadcast_object, current_env
+from gptrain.errors import GptrainError
+
+log = logging.getLogger("gptrain.checkpoint")
+
+
+@dataclass
+class SaveReport:
+    """How long one save took. `stall_s` is the time training was held up: all of it for a
+    synchronous save; waiting for the previous save plus copying to CPU for an async one."""
+
+    step: int
+    url: str
+    asynchronous: bool
+    stall_s: float
+    total_s: float | None = None  # from start to commit, without waiting for the previous save (None while in flight)
+
+
+@dataclass
+class Resumed:
+    url: str
+    step: int
+    tokens_seen: int
+    saved_world_size: int
+    wandb_run_id: str | None
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints that could not be used, and why
+
+
+class Checkpointer:
+    def __init__(self, config: RunConfig, dataset: TokenDataset, device: torch.device):
+        self.config, self.settings = config, config.checkpoint
+        self.run_dir = config.train.run_dir
+        self.dataset, self.device = dataset, device
+        env = current_env()
+        self.rank, self.world_size = env.rank, env.world_size
+        self.wandb_run_id: str | None = None  # set by the trainer once W&B has started
+        self.reports: list[SaveReport] = []
+        self.group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
+        self._staging: ReusedCpuStaging | None = None  # created by the first async save
+        self._saved_step: int | None = None  # the step of the newest checkpoint of this run's state
+        if self.rank == 0:
+            # At startup no save of this run can be in flight: every folder without a marker is
+            # left over from a save that died.
+            commits.remove_uncommitted(self.run_dir)
+        # Nobody may start writing a checkpoint folder while rank 0 may still be deleting one.
+        self._barrier()
+
+    # -----------------------------------------------------------------------------------------
+    # Saving.
+
+    def due(self, step: int) -> bool:
+        return self.settings.every > 0 and step % self.settings.every == 0
+
+    def save(self, state: Checkpointable, *, blocking: bool | None = None) -> SaveReport | None:
+        """Checkpoint `state` at its step (all ranks call this together). Asynchronous when
+        checkpoint.async_save is set, unless `blocking`. Returns None when this state is
+        already the newest checkpoint (e.g. the final save right after a periodic one)."""
+        asynchronous = self.settings.async_save if blocking is None else not blocking
+        start = time.perf_counter()
+        self.wait()  # at most one save in flight; this also orders the commits by step
+        if state.step == self._saved_step:
+            return None
+        begin = time.perf_counter()  # the save's own cost starts here; the stall counts from `start`
+        url = commits.step_url(self.run_dir, state.step)
+        if self.rank == 0:
+            if storage.exists(url):
+                # A folder for this step exists only when it is damaged or uncommitted (resume
+                # skipped it): stale shards must not mix with the new ones.
+                commits.remove_checkpoint(url)
+            write_run_files(url, self.config.to_yaml(), self.dataset.tokenizer_spec)
+        # Every rank writes into the folder only after rank 0 has cleared it.
+        self._barrier()
+        progress = TrainProgress(
+            step=state.step, tokens_seen=state.tokens_seen, world_size=self.world_size,
+            dataset_fingerprint=self.dataset.fingerprint, wandb_run_id=self.wandb_run_id,
+        )
+        to_save = state_to_save(state, progress, self.rank, self.device)
+        self._saved_step = state.step
+        if not asynchronous:
+            write_shards(url, to_save, self.group)
+            self._commit(url, state.step)
+            stall = time.perf_counter() - start
+            report = SaveReport(state.step, url, False, stall_s=stall, total_s=stall)
+            self._log_committed(report)
+        else:
+            if self._staging is None:
+                self._staging = ReusedCpuStaging()
+            future = start_async_write(url, to_save, self.group, self._staging)
+            report = SaveReport(state.step, url, True, stall_s=time.perf_counter() - start)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-checkpoint")
+            self._in_flight = self._executor.submit(self._finish_async, future, report, begin)
+        self.reports.append(report)
+        return report
+
+    def _finish_async(self, write: Future, report: SaveReport, begin: float) -> None:
+        write.result()  # this rank's shard (and on rank 0 the metadata) are written
+        self._commit(report.url, report.step)
+        report.total_s = time.perf_counter() - begin
+        self._log_committed(report)
+
+    def _commit(self, url: str, step: int) -> None:
+        # Every rank has finished writing its files once all have reached this barrier; only
+        # then may the marker claim that the checkpoint is complete.
+        self._barrier()
+        if self.rank != 0:
+            return
+        commits.write_commit(url, step, self.world_size)
+        # After the commit, not before: until the new checkpoint exists, the old ones are the
+        # only way back. Anything uncommitted below this step is a save that failed.
+        commits.remove_uncommitted(self.run_dir, below_step=step)
+        removed = commits.apply_retention(self.run_dir, self.settings.keep_last, self.settings.keep_every)
+        if removed:
+            log.info("retention: removed %s", ", ".join(removed))
+
+    def _log_committed(self, report: SaveReport) -> None:
+        if self.rank != 0:
+            return
+        if report.asynchronous:
+            log.info(
+                "checkpoint step %d committed (async): training stalled %.3f s; the save took %.3f s in all, "
+                "which a synchronous save would have stalled -> %s",
+                report.step, report.stall_s, report.total_s, report.url,
+            )
+        else:
+            log.info("checkpoint step %d committed (sync): training stalled %.3f s -> %s",
+                     report.step, report.stall_s, report.url)
+
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is committed; re-raises its error."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    # -----------------------------------------------------------------------------------------
+    # Resuming.
+
+    def resume(self, state: Checkpointable) -> Resumed | None:
+        """Restore `state` as checkpoint.resume says; None when the run starts fresh.
+
+        auto: the newest committed checkpoint of the run directory. If it cannot be used (a
+        truncated shard, a damaged marker, another model's config), the one before, and so
+        on, saying so; if the run has checkpoints but none is usable, that is an error:
+        starting over would overwrite the run. A URL: that checkpoint folder, which must load,
+        or the newest usable checkpoint of that run directory. Starting fresh with
+        checkpoint.init_from loads those weights into the model.
+        """
+        setting = self.settings.resume
+        urls: list[str] = []
+        if self.rank == 0 and setting == "auto":
+            urls = [commit.url for commit in reversed(commits.committed(self.run_dir))]
+        elif self.rank == 0 and setting != "none":
+            urls = commits.candidates(setting)
+        urls = broadcast_object(urls)  # one listing (rank 0's), not one per rank
+        skipped: list[str] = []
+        for url in urls:
+            try:
+                resumed = self._load(url, state)
+            except CheckpointError as err:
+                if len(urls) == 1 and setting != "auto":
+                    raise
+                skipped.append(str(err))
+                if self.rank == 0:
+                    log.warning("cannot resume from %s: %s", url, err)
+                    log.warning("falling back to the previous committed checkpoint")
+                continue
+            resumed.skipped = skipped
+            if url == commits.step_url(self.run_dir, resumed.step):
+                self._saved_step = resumed.step  # this run already has this state committed
+            self.wandb_run_id = resumed.wandb_run_id
+            if self.rank == 0:
+                fell_back = f" (fell back past {len(skipped)} unusable newer checkpoint(s))" if skipped else ""
+                log.info("resumed from %s at step %d, %d tokens seen%s",
+                         url, resumed.step, resumed.tokens_seen, fell_back)
+            return resumed
+        if skipped:
+            raise CheckpointError(
+                f"{commits.checkpoints_url(self.run_dir)}: no committed checkpoint can be loaded:\n  "
+                + "\n  ".join(skipped)
+                + "\nfix or remove them, or set checkpoint.resume=none with a new train.run_dir"
+            )
+        if setting != "none" and setting != "auto" and not urls:
+            raise CheckpointError(f"checkpoint.resume={setting!r}: that run directory has no committed checkpoint")
+        if self.settings.init_from:
+            load_initial_weights(state.model, self.settings.init_from)
+        return None
+
+    def _load(self, url: str, state: Checkpointable) -> Resumed:
+        # Rank 0 checks the marker, the file sizes and the config, and tells everyone: the ranks
+        # must take the same decision, or some would enter DCP's collectives and wait forever.
+        problem, commit = None, None
+        if self.rank == 0:
+            try:
+                commit = commits.read_commit(url)
+                commits.verify(commit)
+                self._check_config(url)
+            except CheckpointError as err:
+                problem = str(err)
+        problem, commit = broadcast_object((problem, commit))
+        if problem is not None:
+            raise CheckpointError(problem)
+        failure = None
+        try:
+            progress = read_into(
+                url, state, rank=self.rank, saved_world_size=commit.world_size,
+                dataset_fingerprint=self.dataset.fingerprint, device=self.device, process_group=self.group,
+            )
+        except CheckpointError as err:
+            failure = str(err)
+        # A blob that one rank alone could not decode must stop every rank the same way.
+        if any_rank(failure is not None):
+            raise CheckpointError(failure or f"{url}: another rank could not read its part")
+        if self.rank == 0 and commit.world_size != self.world_size:
+            log.warning(
+                "resuming a %d-rank checkpoint with %d rank(s): the data position carries over exactly; "
+                "ranks without a saved RNG state keep their fresh seeds", commit.world_size, self.world_size,
+            )
+        return Resumed(url, progress.step, progress.tokens_seen, commit.world_size, progress.wandb_run_id)
+
+    def _check_config(self, url: str) -> None:
+        """The checkpoint must hold this run's model; other config changes are reported."""
+        config_url = storage.join(url, CONFIG_FILE)
+        try:
+            saved = RunConfig.from_dict(yaml.safe_load(storage.read_bytes(config_url)))
+        except FileNotFoundError as err:
+            raise CheckpointError(f"{config_url} is missing") from err
+        except (GptrainError, yaml.YAMLError) as err:
+            raise CheckpointError(f"{config_url} is not a valid run config: {err}") from err
+        saved_model, model = saved.model.resolve(), self.config.model.resolve()
+        if saved_model != model:
+            diffs = [
+                f"{key}: checkpoint {value!r}, this run {model.to_dict()[key]!r}"
+                for key, value in saved_model.to_dict().items() if model.to_dict()[key] != value
+            ]
+            raise CheckpointError(f"{config_url} describes a different model than this run's ({'; '.join(diffs)})")
+        changed = _changed_keys(saved.to_dict(), self.config.to_dict())
+        if changed:
+            log.info("config changed since %s: %s", url, "; ".join(changed))
+
+
+def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    changes = []
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        old = saved.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changes.extend(_changed_keys(old, value, name + "."))
+        elif old != value:
+            changes.append(f"{name} {old!r} -> {value!r}")
+    return changes
+
+
+def load_initial_weights(model: torch.nn.Module, url: str) -> None:
+    """checkpoint.init_from: copy pretrained weights (an HF folder, a gptrain run or checkpoint)
+    into a freshly built model of the same architecture."""
+    from gptrain.models.weights import load_pretrained
+
+    pretrained = load_pretrained(url)
+    try:
+        model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as err:  # missing/unexpected keys or other shapes
+        raise GptrainError(f"checkpoint.init_from={url!r}: the weights do not fit this run's model: {err}") from err
+    log.info("initialized the model from %s", url)

@@ -1,0 +1,213 @@
+"""Checkpoint folders, commit markers, "latest", retention and cleanup.
+
+Layout: RUN_DIR/checkpoints/step-<N>/ holds one checkpoint: the shards every rank wrote
+(torch.distributed.checkpoint's `__<rank>_<n>.distcp` files and `.metadata`) and the run's
+config.yaml. Rank 0 writes `commit.json` into the folder last, after every rank has finished
+writing; it records the step, the time, the world size and every file with its size.
+
+A folder without a readable marker is not a checkpoint: a save that was cut short (crash,
+SIGKILL, node loss) leaves such a folder behind, it is never loaded, and rank 0 removes it.
+The sizes in the marker let a reader catch a file that was truncated or replaced after the
+commit before torch tries to deserialize it, and name the file at fault.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import posixpath
+import re
+import time
+from dataclasses import dataclass
+
+from gptrain import storage
+from gptrain.errors import GptrainError
+
+log = logging.getLogger("gptrain.checkpoint")
+
+CHECKPOINTS_DIR = "checkpoints"
+MARKER_FILE = "commit.json"
+MARKER_FORMAT = "gptrain-checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(GptrainError):
+    """A checkpoint that cannot be used: uncommitted, damaged, or not from a compatible run."""
+
+
+class NotCommittedError(CheckpointError):
+    """A folder without a commit marker: its save never finished (or it is being deleted)."""
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a commit marker records about one checkpoint."""
+
+    url: str  # the checkpoint folder
+    step: int
+    time: float  # seconds since the epoch when it was committed
+    world_size: int
+    files: dict[str, int]  # file name inside the folder -> size in bytes
+
+    @property
+    def marker_url(self) -> str:
+        return storage.join(self.url, MARKER_FILE)
+
+
+def checkpoints_url(run_dir: str) -> str:
+    return storage.join(run_dir, CHECKPOINTS_DIR)
+
+
+def step_url(run_dir: str, step: int) -> str:
+    return storage.join(checkpoints_url(run_dir), f"step-{step}")
+
+
+def step_folders(run_dir: str) -> list[tuple[int, str]]:
+    """(step, url) of every step-<N> folder under RUN_DIR/checkpoints, committed or not, by step."""
+    fs, path = storage.filesystem(checkpoints_url(run_dir))
+    # Object-store filesystems cache listings; other processes (ranks, earlier runs) write here.
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return []
+    folders = []
+    for entry in fs.ls(path, detail=True):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        match = _STEP_DIR.match(name)
+        if match and entry["type"] == "directory":
+            folders.append((int(match.group(1)), storage.join(checkpoints_url(run_dir), name)))
+    return sorted(folders)
+
+
+def list_files(url: str) -> dict[str, int]:
+    """Every file under a checkpoint folder (relative name -> size), the marker excluded."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache(path)
+    root = path.rstrip("/") + "/"
+    found = fs.find(path, detail=True)
+    return {
+        name[len(root):]: int(info["size"])
+        for name, info in found.items()
+        if info["type"] == "file" and name[len(root):] != MARKER_FILE
+    }
+
+
+def write_commit(url: str, step: int, world_size: int) -> Commit:
+    """Mark a fully written checkpoint as committed. Call on rank 0 only, after a barrier that
+    every rank reached once its own files were complete: the marker must never name a file
+    that is still being written."""
+    commit = Commit(url=url, step=step, time=time.time(), world_size=world_size, files=list_files(url))
+    stamp = datetime.datetime.fromtimestamp(commit.time, datetime.timezone.utc).isoformat(timespec="seconds")
+    storage.write_json_atomic(commit.marker_url, {
+        "format": MARKER_FORMAT,
+        "step": step,
+        "time": commit.time,
+        "committed_at": stamp,
+        "world_size": world_size,
+        "files": commit.files,
+    })
+    return commit
+
+
+def read_commit(url: str) -> Commit:
+    """The commit marker of a checkpoint folder; an error naming the marker if it is missing
+    (NotCommittedError: the save never finished) or unreadable."""
+    marker = storage.join(url, MARKER_FILE)
+    fs, path = storage.filesystem(marker)
+    fs.invalidate_cache(posixpath.dirname(path))
+    try:
+        data = storage.read_json(marker)
+    except FileNotFoundError:
+        raise NotCommittedError(f"{marker} is missing: {url} was never committed (its save did not finish)") from None
+    except ValueError as err:  # not JSON
+        raise CheckpointError(f"{marker} is not a valid commit marker: {err}") from err
+    try:
+        if data.get("format") != MARKER_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {MARKER_FORMAT!r}")
+        files = {str(name): int(size) for name, size in data["files"].items()}
+        return Commit(url=url, step=int(data["step"]), time=float(data["time"]),
+                      world_size=int(data["world_size"]), files=files)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{marker} is not a valid commit marker: {err}") from err
+
+
+def verify(commit: Commit) -> None:
+    """Check that every file the marker lists is there with its recorded size."""
+    present = list_files(commit.url)
+    for name, size in sorted(commit.files.items()):
+        file_url = storage.join(commit.url, name)
+        if name not in present:
+            raise CheckpointError(f"{file_url} is missing (listed in {commit.marker_url})")
+        if present[name] != size:
+            raise CheckpointError(
+                f"{file_url} has {present[name]} bytes but {commit.marker_url} recorded {size}: "
+                "the file is truncated or damaged"
+            )
+
+
+def committed(run_dir: str) -> list[Commit]:
+    """The run's committed checkpoints, oldest first. A folder with a damaged marker is listed
+    as a warning and skipped; folders without a marker are not checkpoints."""
+    commits = []
+    for _, url in step_folders(run_dir):
+        try:
+            commits.append(read_commit(url))
+        except NotCommittedError:
+            continue  # a save that did not finish, or a folder deleted while we looked
+        except CheckpointError as err:
+            log.warning("ignoring %s: %s", url, err)
+    return commits
+
+
+def candidates(url: str) -> list[str]:
+    """Checkpoint folders that `url` names, newest first: the folder itself, or the committed
+    checkpoints of a run directory (one that has a checkpoints/ folder)."""
+    if storage.exists(checkpoints_url(url)):
+        return [commit.url for commit in reversed(committed(url))]
+    return [url]
+
+
+def remove_checkpoint(url: str) -> None:
+    """Delete a checkpoint folder. The marker goes first, so a deletion cut short leaves an
+    uncommitted folder (ignored, cleaned later), never a committed one with files missing."""
+    fs, path = storage.filesystem(url)
+    marker = posixpath.join(path, MARKER_FILE)
+    if fs.exists(marker):
+        fs.rm(marker)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.invalidate_cache(path)
+
+
+def remove_uncommitted(run_dir: str, below_step: int | None = None) -> list[str]:
+    """Delete step folders without a marker (saves that never finished); with `below_step`,
+    only those of earlier steps (a later one may be a save still in flight). Rank 0 only."""
+    removed = []
+    for step, url in step_folders(run_dir):
+        if below_step is not None and step >= below_step:
+            continue
+        if not storage.exists(storage.join(url, MARKER_FILE)):
+            remove_checkpoint(url)
+            removed.append(url)
+    if removed:
+        log.info("removed %d uncommitted checkpoint folder(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """Steps to keep: the newest `keep_last`, plus every multiple of `keep_every` (if > 0)."""
+    keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    if keep_every > 0:
+        keep.update(step for step in steps if step % keep_every == 0)
+    return keep
+
+
+def apply_retention(run_dir: str, keep_last: int, keep_every: int) -> list[str]:
+    """Delete committed checkpoints that the retention policy does not keep. Rank 0 only."""
+    commits = committed(run_dir)
+    keep = retained_steps([c.step for c in commits], keep_last, keep_every)
+    removed = []
+    for commit in commits:
+        if commit.step not in keep:
+            remove_checkpoint(commit.url)
+            removed.append(commit.url)
+    return removed

@@ -1,0 +1,110 @@
+"""`gptrain export RUN_OR_CHECKPOINT --out DIR`: a checkpoint's weights in the Hugging Face layout.
+
+    gptrain export runs/debug --out exported/debug            # the run's newest committed checkpoint
+    gptrain export s3://bucket/runs/a/checkpoints/step-4000 --out exported/a-4000
+
+The folder gets model.safetensors (or shards) and config.json in the layout of the model's
+family (gptrain.models.weights.save_hf_pretrained), so `transformers` and
+`gptrain generate --weights DIR` load it, plus the tokenizer spec the run trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+from gptrain import storage
+from gptrain.checkpoint import commit as commits
+from gptrain.checkpoint.commit import CheckpointError
+from gptrain.tokenizer import TOKENIZER_SPEC_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptrain.models.transformer import Transformer
+
+log = logging.getLogger("gptrain.checkpoint")
+
+
+def is_gptrain_checkpoint(url: str) -> bool:
+    """A gptrain run directory (with checkpoints/) or one checkpoint folder (with a marker)."""
+    return storage.exists(commits.checkpoints_url(url)) or storage.exists(storage.join(url, commits.MARKER_FILE))
+
+
+def usable_checkpoint(url: str) -> commits.Commit:
+    """The checkpoint folder `url` names, or a run directory's newest committed checkpoint whose
+    files are intact (an older one, with a warning, when the newest is damaged)."""
+    problems = []
+    for candidate in commits.candidates(url):
+        try:
+            commit = commits.read_commit(candidate)
+            commits.verify(commit)
+            return commit
+        except CheckpointError as err:
+            problems.append(str(err))
+            log.warning("skipping %s: %s", candidate, err)
+    if not problems:
+        raise CheckpointError(f"{url}: the run has no committed checkpoint")
+    raise CheckpointError(f"{url}: no usable checkpoint:\n  " + "\n  ".join(problems))
+
+
+def load_model_from_checkpoint(
+    url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """The model of a gptrain checkpoint (or a run's newest), in eval mode."""
+    import torch
+    import yaml
+
+    from gptrain.checkpoint.store import CONFIG_FILE, read_model_weights
+    from gptrain.config import RunConfig
+    from gptrain.errors import GptrainError
+    from gptrain.models.transformer import Transformer
+
+    commit = usable_checkpoint(url)
+    config_url = storage.join(commit.url, CONFIG_FILE)
+    try:
+        model_config = RunConfig.from_dict(yaml.safe_load(storage.read_bytes(config_url))).model.resolve()
+    except (GptrainError, yaml.YAMLError, FileNotFoundError) as err:
+        raise CheckpointError(f"{config_url}: cannot read the run config: {err}") from err
+    with torch.device("meta"):  # no time spent on a random initialization that is overwritten
+        model = Transformer(model_config)
+    model.to_empty(device=device)
+    model.init_buffers()
+    read_model_weights(commit.url, model)
+    if dtype is not None:
+        model.to(dtype)
+    log.info("loaded %s (step %d)", commit.url, commit.step)
+    return model.eval()
+
+
+def export(url: str, out_dir: str) -> commits.Commit:
+    from gptrain.models.weights import save_hf_pretrained
+
+    commit = usable_checkpoint(url)
+    model = load_model_from_checkpoint(commit.url)
+    save_hf_pretrained(model, out_dir)
+    spec = storage.join(commit.url, TOKENIZER_SPEC_FILE)
+    if storage.exists(spec):
+        storage.write_bytes_atomic(storage.join(out_dir, TOKENIZER_SPEC_FILE), storage.read_bytes(spec))
+    return commit
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint's weights as safetensors + config.json (Hugging Face layout)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + __doc__.split("\n\n")[1],
+    )
+    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                        help="a run directory (its newest committed checkpoint) or a checkpoint folder; path or URL")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder or URL (must not hold a model yet)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    commit = export(args.source, args.out)
+    print(f"exported {commit.url} (step {commit.step}) to {args.out}")
+    return 0
