@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from gptrain.checkpoint.export import load_model_from_checkpoint
+from gptrain.sweep.report import write_report
 from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -161,6 +162,13 @@ def test_sweep_array_runs_every_trial_two_at_a_time(pipeline: dict) -> None:
         (trial_dir,) = (work / "sweep" / "trials").glob(f"{index}-*")
         record = json.loads((trial_dir / "trial.json").read_text())
         assert record["status"] == "done" and record["summary"]["steps"] == STEPS
+    # The report over what the array produced: table, plots and the winning config.
+    report = write_report(str(work / "sweep"))
+    assert len(report.results) == 4 and all(r.status == "done" for r in report.results)
+    assert report.best is not None
+    for name in ("report.csv", "report.md", "top_trials_loss.png", "best_config.yaml"):
+        assert (work / "sweep" / name).stat().st_size > 0, name
+    assert list((work / "sweep").glob("val_loss_vs_*.png"))
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_identical_weights(
