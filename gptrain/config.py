@@ -97,7 +97,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # max global gradient norm; 0 or null turns clipping off
-    fused: bool | Literal["auto"] = "auto"  # auto: the fused CUDA kernel when training on CUDA
+    fused: bool | Literal["auto"] = "auto"  # auto: the fused kernel when training on CUDA or CPU
     galore: GaloreConfig = field(default_factory=GaloreConfig)
 
     def __post_init__(self) -> None:

@@ -22,10 +22,13 @@ import posixpath
 import re
 import tempfile
 from collections.abc import Collection, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gptrain import storage
 from gptrain.errors import GptrainError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TOKENIZER_FILES_ENV = "GPTRAIN_TOKENIZER_FILES"
 
@@ -223,6 +226,20 @@ class Tokenizer:
         flat = [piece for text_pieces in pieces for piece in text_pieces]
         encoded = iter(self._encoding.encode_ordinary_batch(flat, num_threads=num_threads))
         return [_concat([next(encoded) for _ in text_pieces]) for text_pieces in pieces]
+
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
+        """`encode_ordinary` as a uint32 array, filled by tiktoken without a Python int per token
+        (whole books tokenize several percent faster than through a list)."""
+        import numpy as np
+
+        arrays = []
+        for piece in self._pieces(text):
+            try:
+                # No special token allowed and none disallowed: their text is plain text.
+                arrays.append(self._encoding.encode_to_numpy(piece, disallowed_special=()))
+            except UnicodeEncodeError:  # lone surrogates: encode_ordinary has tiktoken's fix-up
+                arrays.append(np.array(self._encoding.encode_ordinary(piece), dtype=np.uint32))
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
     def _pieces(self, text: str) -> list[str]:
         """`text` cut so that no run of whitespace or non-whitespace exceeds LLAMA3_MAX_RUN_CHARS."""

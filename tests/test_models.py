@@ -46,6 +46,19 @@ def test_vocabulary_is_padded_to_multiple_of_64_and_padding_never_in_logits():
     assert int(logits.argmax(-1).max()) < 50257
 
 
+def test_training_logits_are_the_padded_heads_and_padding_rows_get_no_gradient():
+    torch.manual_seed(0)
+    model = Transformer(MODEL_CONFIGS["gpt2-tiny"])
+    hidden = []
+    model.norm_f.register_forward_hook(lambda module, args, out: hidden.append(out))
+    idx = torch.randint(0, 50257, (2, 8))
+    logits = model(idx)  # on CPU, computed from the head's first vocab_size rows only
+    torch.testing.assert_close(logits, model.lm_head(hidden[0])[..., :50257])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+    grad = model.lm_head.weight.grad
+    assert grad.shape == (50304, 64) and grad[50257:].count_nonzero() == 0 and grad[:50257].count_nonzero() > 0
+
+
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_compile_fullgraph_matches_eager(name):
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gptrain.cli import main
@@ -196,7 +197,16 @@ def test_llama3_long_runs_encode_without_crashing(llama_model_file):
     batch = tok.encode_ordinary_batch(texts, num_threads=2)
     for text, ids in zip(texts, batch):
         assert ids == tok.encode_ordinary(text)
+        assert tok.encode_ordinary_array(text).tolist() == ids  # long runs cut the same way
         assert tok.decode(ids) == text
+
+
+def test_encode_ordinary_array_matches_the_list(gpt2):
+    # Special-token text stays plain text; a lone surrogate gets encode_ordinary's fix-up.
+    for text in ("Call me Ishmael.<|endoftext|>Chapter 1", "caf\u00e9 \u201cquoted\u201d", "broken \ud800 pair", ""):
+        array = gpt2.encode_ordinary_array(text)
+        assert array.dtype == np.uint32 and array.tolist() == gpt2.encode_ordinary(text)
+    assert 50256 not in gpt2.encode_ordinary_array("<|endoftext|>").tolist()
 
 
 def test_llama3_spec_rebuilds_and_detects_a_changed_file(llama_model_file, tmp_path):

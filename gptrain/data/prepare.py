@@ -1,9 +1,9 @@
 """`gptrain data prepare`: raw books -> clean text -> token shards, as one task of a job array.
 
 Task i of n takes the books `ArrayTask.owns` (book id mod n), in id order. Worker processes
-read, clean, filter and tokenize batches of books (`encode_ordinary_batch`); the parent
-appends each kept book and an `<|endoftext|>` to its split's stream and cuts the streams into
-shards. The task manifest (DATASET/tasks/t<i>of<n>.json) is written last, so it marks a
+read, clean, filter and tokenize batches of books (`Tokenizer.encode_ordinary_array`); the
+parent appends each kept book and an `<|endoftext|>` to its split's stream and cuts the
+streams into shards. The task manifest (DATASET/tasks/t<i>of<n>.json) is written last, so it marks a
 finished task: a rerun with the same inputs and settings does nothing, and a rerun after a
 crash deletes this task's leftovers and writes the same bytes again.
 """
@@ -309,16 +309,13 @@ class BookResult(NamedTuple):
 
 
 def _process_chunk(books: list[RawBook]) -> list[BookResult]:
-    """Read, clean, filter and tokenize a batch of books (one encode_ordinary_batch call)."""
-    cleaned = []
+    """Read, clean, filter and tokenize a batch of books, one after the other."""
+    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    results = []
     for book in books:
         data = _read_book(book.url)
         text = clean_book(data)
         reason = "empty after cleaning" if not text else _worker["filter"].rejection(text, book.languages)
-        cleaned.append((book, hashlib.sha256(data).hexdigest(), len(data), reason, text))
-    kept = [text for *_, reason, text in cleaned if reason is None]
-    token_lists = iter(_worker["tokenizer"].encode_ordinary_batch(kept, num_threads=1))
-    return [
-        BookResult(book, sha256, size, reason, None if reason else np.array(next(token_lists), _worker["dtype"]))
-        for book, sha256, size, reason, _ in cleaned
-    ]
+        tokens = None if reason else tokenizer.encode_ordinary_array(text).astype(dtype, copy=False)
+        results.append(BookResult(book, hashlib.sha256(data).hexdigest(), len(data), reason, tokens))
+    return results

