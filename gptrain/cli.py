@@ -14,14 +14,14 @@ import sys
 
 from gptrain.errors import GptrainError
 
-# (module, ...) in the order `gptrain --help` lists them.
+# Command modules in pipeline order, which is the order `gptrain --help` lists them in.
 COMMAND_MODULES = [
     "gptrain.data.cli",
-    "gptrain.models.cli",
-    "gptrain.chat.cli",
     "gptrain.train.cli",
     "gptrain.sweep.cli",
     "gptrain.checkpoint.export",
+    "gptrain.models.cli",
+    "gptrain.chat.cli",
     "gptrain.tokenizer",
 ]
 
