@@ -147,7 +147,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 123
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA Ampere+, CPUs with
+    # AVX512-BF16 or AMX), fp32 elsewhere. Weights and optimizer state stay fp32 either way.
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     log_every: int = 10
 
@@ -176,8 +178,10 @@ class TrainConfig:
         return self.device
 
     def resolved_dtype(self, device_type: str) -> Literal["bf16", "fp32"]:
+        from gptrain.device import has_native_bf16
+
         if self.dtype == "auto":
-            return "bf16" if device_type == "cuda" else "fp32"
+            return "bf16" if has_native_bf16(device_type) else "fp32"
         return self.dtype
 
 

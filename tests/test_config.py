@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gptrain.config import (
@@ -16,6 +18,7 @@ from gptrain.config import (
     lr_at,
     preset_names,
 )
+from gptrain.device import has_native_bf16, resolve_dtype
 from gptrain.errors import GptrainError
 
 
@@ -178,10 +181,19 @@ def test_configs_are_immutable_and_defaults_valid():
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_dtype_resolution():
+def test_dtype_resolution(monkeypatch):
     train = TrainConfig(max_steps=1)
-    assert train.resolved_dtype("cuda") == "bf16" and train.resolved_dtype("cpu") == "fp32"
+    # "auto" on this CPU follows what /proc/cpuinfo says the cores compute natively.
+    flags = set(" ".join(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    native = bool({"avx512_bf16", "amx_tile"} & flags)
+    assert has_native_bf16("cpu") == native
+    assert train.resolved_dtype("cpu") == ("bf16" if native else "fp32")
+    for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, check, lambda: False)
+    assert train.resolved_dtype("cpu") == "fp32"  # oneDNN would emulate bf16: slower than fp32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert TrainConfig(max_steps=1, dtype="fp32").resolved_dtype("cuda") == "fp32"
+    assert TrainConfig(max_steps=1, dtype="bf16").resolved_dtype("cpu") == "bf16"
     assert TrainConfig(max_steps=1, device="cpu").resolved_device() == "cpu"
 
 

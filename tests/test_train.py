@@ -155,6 +155,23 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, gutenberg_dataset): 
         torch.testing.assert_close(q, p, atol=1e-4, rtol=0)
 
 
+def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, gutenberg_dataset):  # noqa: F811
+    # train.dtype=auto picks this path on CPUs with native bf16 (and on CUDA).
+    common = ["train.max_steps=20", "schedule.warmup_steps=0", "train.log_every=1", "eval.every=0",
+              "eval.sample_max_new_tokens=0", "logging.plot=false"]
+    _, fp32_train = _run_steps(_config(gutenberg_dataset, tmp_path / "fp32", *common))
+    bf16, bf16_train = _run_steps(_config(gutenberg_dataset, tmp_path / "bf16", *common, "train.dtype=bf16"))
+    assert bf16.dtype == "bf16"
+    # Autocast computes in bf16 but keeps the weights and the AdamW moments in fp32.
+    assert {p.dtype for p in bf16.state.model.parameters()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in bf16.state.optimizer.state.values()} == {torch.float32}
+    fp32_losses = [r["loss"] for r in fp32_train]
+    bf16_losses = [r["loss"] for r in bf16_train]
+    assert bf16_losses != fp32_losses  # bf16 matmuls really ran
+    assert max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)) < 0.1
+    assert bf16_losses[-1] < bf16_losses[0] - 1.0
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
