@@ -26,6 +26,16 @@ COMMAND_MODULES = [
 ]
 
 
+def add_documented_command(subparsers: argparse._SubParsersAction, name: str, help: str, module_doc: str):
+    """Add subcommand `name` whose --help is its module's docstring: the first paragraph as the
+    description, the rest (usage examples, then notes) verbatim below "examples:"."""
+    summary, _, examples = module_doc.partition("\n\n")
+    return subparsers.add_parser(
+        name, help=help, description=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + examples,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptrain",

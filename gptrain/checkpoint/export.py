@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from gptrain import storage
 from gptrain.checkpoint import commit as commits
 from gptrain.checkpoint.commit import CheckpointError
+from gptrain.cli import add_documented_command
 from gptrain.tokenizer import TOKENIZER_SPEC_FILE
 
 if TYPE_CHECKING:
@@ -91,12 +92,11 @@ def export(url: str, out_dir: str) -> commits.Commit:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_documented_command(
+        subparsers,
         "export",
-        help="write a checkpoint's weights as safetensors + config.json (Hugging Face layout)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + __doc__.split("\n\n")[1],
+        "write a checkpoint's weights as safetensors + config.json (Hugging Face layout)",
+        __doc__,
     )
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (its newest committed checkpoint) or a checkpoint folder; path or URL")

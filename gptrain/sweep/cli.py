@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 
+from gptrain.cli import add_documented_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_documented_command(
+        subparsers,
         "sweep",
-        help="hyperparameter sweeps: plan trials, run one (job arrays) or all, report the results",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        "hyperparameter sweeps: plan trials, run one (job arrays) or all, report the results",
+        __doc__,
     )
     commands = parser.add_subparsers(
         dest="sweep_command", metavar="SUBCOMMAND", required=True, parser_class=_IntermixedParser

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 
+from gptrain.cli import add_documented_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_documented_command(
+        subparsers,
         "train",
-        help="pretrain a model (one process, or each rank under torchrun/Slurm/Kubernetes)",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + __doc__.split("\n\n")[1],
+        "pretrain a model (one process, or each rank under torchrun/Slurm/Kubernetes)",
+        __doc__,
     )
     parser.add_argument("--config", required=True, metavar="NAME_OR_FILE",
                         help="a shipped preset (a file name in gptrain/presets/, without .yaml) or a YAML file/URL")
