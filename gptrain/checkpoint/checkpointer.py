@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from gptrain import storage
 from gptrain.checkpoint import commit as commits
@@ -41,6 +40,7 @@ from gptrain.checkpoint.store import (
     ReusedCpuStaging,
     TrainProgress,
     read_into,
+    read_run_config,
     start_async_write,
     state_to_save,
     write_run_files,
@@ -160,8 +160,7 @@ class Checkpointer:
         commits.write_commit(url, step, self.world_size)
         # After the commit, not before: until the new checkpoint exists, the old ones are the
         # only way back. Anything uncommitted below this step is a save that failed.
-        commits.remove_uncommitted(self.run_dir, below_step=step)
-        removed = commits.apply_retention(self.run_dir, self.settings.keep_last, self.settings.keep_every)
+        removed = commits.tidy_after_commit(self.run_dir, step, self.settings.keep_last, self.settings.keep_every)
         if removed:
             log.info("retention: removed %s", ", ".join(removed))
 
@@ -284,19 +283,14 @@ class Checkpointer:
 
     def _check_config(self, url: str) -> None:
         """The checkpoint must hold this run's model; other config changes are reported."""
-        config_url = storage.join(url, CONFIG_FILE)
-        try:
-            saved = RunConfig.from_dict(yaml.safe_load(storage.read_bytes(config_url)))
-        except FileNotFoundError as err:
-            raise CheckpointError(f"{config_url} is missing") from err
-        except (GptrainError, yaml.YAMLError) as err:
-            raise CheckpointError(f"{config_url} is not a valid run config: {err}") from err
+        saved = read_run_config(url)
         saved_model, model = saved.model.resolve(), self.config.model.resolve()
         if saved_model != model:
             diffs = [
                 f"{key}: checkpoint {value!r}, this run {model.to_dict()[key]!r}"
                 for key, value in saved_model.to_dict().items() if model.to_dict()[key] != value
             ]
+            config_url = storage.join(url, CONFIG_FILE)
             raise CheckpointError(f"{config_url} describes a different model than this run's ({'; '.join(diffs)})")
         changed = _changed_keys(saved.to_dict(), self.config.to_dict())
         if changed:

@@ -147,15 +147,21 @@ def verify(commit: Commit) -> None:
 def committed(run_dir: str) -> list[Commit]:
     """The run's committed checkpoints, oldest first. A folder with a damaged marker is listed
     as a warning and skipped; folders without a marker are not checkpoints."""
-    commits = []
-    for _, url in step_folders(run_dir):
+    return _scan(run_dir)[0]
+
+
+def _scan(run_dir: str) -> tuple[list[Commit], list[tuple[int, str]]]:
+    """One listing of RUN_DIR/checkpoints: (committed checkpoints oldest first, (step, url) of the
+    step folders without a marker: saves that did not finish, or folders deleted while we looked)."""
+    commits, uncommitted = [], []
+    for step, url in step_folders(run_dir):
         try:
             commits.append(read_commit(url))
         except NotCommittedError:
-            continue  # a save that did not finish, or a folder deleted while we looked
+            uncommitted.append((step, url))
         except CheckpointError as err:
             log.warning("ignoring %s: %s", url, err)
-    return commits
+    return commits, uncommitted
 
 
 def candidates(url: str) -> list[str]:
@@ -181,11 +187,13 @@ def remove_checkpoint(url: str) -> None:
 def remove_uncommitted(run_dir: str, below_step: int | None = None) -> list[str]:
     """Delete step folders without a marker (saves that never finished); with `below_step`,
     only those of earlier steps (a later one may be a save still in flight). Rank 0 only."""
+    return _remove_uncommitted(_scan(run_dir)[1], below_step)
+
+
+def _remove_uncommitted(uncommitted: list[tuple[int, str]], below_step: int | None) -> list[str]:
     removed = []
-    for step, url in step_folders(run_dir):
-        if below_step is not None and step >= below_step:
-            continue
-        if not storage.exists(storage.join(url, MARKER_FILE)):
+    for step, url in uncommitted:
+        if below_step is None or step < below_step:
             remove_checkpoint(url)
             removed.append(url)
     if removed:
@@ -203,7 +211,10 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int
 
 def apply_retention(run_dir: str, keep_last: int, keep_every: int) -> list[str]:
     """Delete committed checkpoints that the retention policy does not keep. Rank 0 only."""
-    commits = committed(run_dir)
+    return _remove_unretained(committed(run_dir), keep_last, keep_every)
+
+
+def _remove_unretained(commits: list[Commit], keep_last: int, keep_every: int) -> list[str]:
     keep = retained_steps([c.step for c in commits], keep_last, keep_every)
     removed = []
     for commit in commits:
@@ -211,3 +222,12 @@ def apply_retention(run_dir: str, keep_last: int, keep_every: int) -> list[str]:
             remove_checkpoint(commit.url)
             removed.append(commit.url)
     return removed
+
+
+def tidy_after_commit(run_dir: str, step: int, keep_last: int, keep_every: int) -> list[str]:
+    """After committing `step`: delete the earlier saves that never finished and the committed
+    checkpoints retention does not keep, from one listing (on object stores every listing and
+    marker read is a request, paid on each save). Returns what retention removed. Rank 0 only."""
+    commits, uncommitted = _scan(run_dir)
+    _remove_uncommitted(uncommitted, below_step=step)
+    return _remove_unretained(commits, keep_last, keep_every)

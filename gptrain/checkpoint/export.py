@@ -54,20 +54,19 @@ def load_model_from_checkpoint(
     url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
     """The model of a gptrain checkpoint (or a run's newest), in eval mode."""
-    import torch
-    import yaml
+    return load_model_from_commit(usable_checkpoint(url), device, dtype)
 
-    from gptrain.checkpoint.store import CONFIG_FILE, read_model_weights
-    from gptrain.config import RunConfig
-    from gptrain.errors import GptrainError
+
+def load_model_from_commit(
+    commit: commits.Commit, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
+    """The model of a checkpoint `usable_checkpoint` has found and verified, in eval mode."""
+    import torch
+
+    from gptrain.checkpoint.store import read_model_weights, read_run_config
     from gptrain.models.transformer import Transformer
 
-    commit = usable_checkpoint(url)
-    config_url = storage.join(commit.url, CONFIG_FILE)
-    try:
-        model_config = RunConfig.from_dict(yaml.safe_load(storage.read_bytes(config_url))).model.resolve()
-    except (GptrainError, yaml.YAMLError, FileNotFoundError) as err:
-        raise CheckpointError(f"{config_url}: cannot read the run config: {err}") from err
+    model_config = read_run_config(commit.url).model.resolve()
     with torch.device("meta"):  # no time spent on a random initialization that is overwritten
         model = Transformer(model_config)
     model.to_empty(device=device)
@@ -83,7 +82,7 @@ def export(url: str, out_dir: str) -> commits.Commit:
     from gptrain.models.weights import save_hf_pretrained
 
     commit = usable_checkpoint(url)
-    model = load_model_from_checkpoint(commit.url)
+    model = load_model_from_commit(commit)
     save_hf_pretrained(model, out_dir)
     spec = storage.join(commit.url, TOKENIZER_SPEC_FILE)
     if storage.exists(spec):

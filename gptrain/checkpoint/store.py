@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
@@ -52,6 +53,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gptrain import storage
 from gptrain.checkpoint.commit import CheckpointError
+from gptrain.config import RunConfig
+from gptrain.errors import GptrainError
 from gptrain.tokenizer import TOKENIZER_SPEC_FILE
 
 if TYPE_CHECKING:
@@ -157,6 +160,18 @@ def write_run_files(url: str, config_yaml: str, tokenizer_spec: dict[str, Any]) 
     storage.write_json_atomic(storage.join(url, TOKENIZER_SPEC_FILE), tokenizer_spec)
 
 
+def read_run_config(url: str) -> RunConfig:
+    """The resolved config saved in checkpoint folder `url`; an error naming the file if it is
+    missing or not a valid run config."""
+    config_url = storage.join(url, CONFIG_FILE)
+    try:
+        return RunConfig.from_dict(yaml.safe_load(storage.read_bytes(config_url)))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{config_url} is missing") from err
+    except (GptrainError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{config_url} is not a valid run config: {err}") from err
+
+
 def write_shards(url: str, state_dict: dict[str, Any], process_group) -> None:
     """Every rank writes its shard; returns when this rank's files and (on rank 0) the
     metadata are written."""
@@ -212,8 +227,6 @@ def _load(url: str, state_dict: dict[str, Any], process_group) -> None:
             process_group=process_group,
             no_dist=process_group is None,
         )
-    except CheckpointError:
-        raise
     except Exception as err:  # DCP raises many kinds (CheckpointException, RuntimeError, EOFError)
         raise CheckpointError(f"{url}: reading the checkpoint failed: {err}") from err
 
@@ -224,13 +237,6 @@ def _progress(buffer: io.BytesIO, url: str) -> TrainProgress:
         return TrainProgress(**blob)
     except TypeError as err:
         raise CheckpointError(f"{url}: train state has unexpected fields ({err})") from err
-
-
-def read_progress(url: str, process_group) -> TrainProgress:
-    """The `train` blob alone (cheap: DCP reads only the bytes of the keys asked for)."""
-    wanted: dict[str, Any] = {"train": io.BytesIO()}
-    _load(url, wanted, process_group)
-    return _progress(wanted["train"], url)
 
 
 def read_into(
