@@ -95,7 +95,6 @@ def submit_sweep(
 
 def sweep_size(spec: str, overrides: Sequence[str] = (), sweep_dir: str | None = None) -> int:
     """How many trials the spec has (`gptrain sweep plan SPEC --count`)."""
-    from gptrain.sweep.plan import open_sweep
-    from gptrain.sweep.spec import load_spec
+    from gptrain.sweep.plan import open_spec
 
-    return len(open_sweep(load_spec(spec, list(overrides), sweep_dir), write=False).trials)
+    return len(open_spec(spec, list(overrides), sweep_dir, write=False).trials)

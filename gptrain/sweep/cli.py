@@ -79,10 +79,9 @@ def _spec_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace, write: bool):
-    from gptrain.sweep.plan import open_sweep
-    from gptrain.sweep.spec import load_spec
+    from gptrain.sweep.plan import open_spec
 
-    return open_sweep(load_spec(args.spec, args.overrides, args.sweep_dir), write=write)
+    return open_spec(args.spec, args.overrides, args.sweep_dir, write=write)
 
 
 def plan_command(args: argparse.Namespace) -> int:

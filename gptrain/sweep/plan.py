@@ -36,7 +36,7 @@ import yaml
 from gptrain import storage
 from gptrain.config import RunConfig, load_config
 from gptrain.errors import GptrainError
-from gptrain.sweep.spec import EPOCHS_KEY, SEED_KEY, SweepSpec
+from gptrain.sweep.spec import EPOCHS_KEY, SEED_KEY, SweepSpec, load_spec
 
 log = logging.getLogger("gptrain.sweep")
 
@@ -91,8 +91,7 @@ class SweepPlan:
         return build_trial_config(self.base_config, trial.params, self.epoch_tokens, self.trial_url(trial))
 
     def header(self) -> dict[str, Any]:
-        """What identifies the plan: equal headers give equal trials."""
-        return {"spec": self.spec, "base_config": self.base_config, "epoch_tokens": self.epoch_tokens}
+        return plan_header(self.spec, self.base_config, self.epoch_tokens)
 
     def to_json(self) -> dict[str, Any]:
         trials = [{"index": t.index, "id": t.id, "params": t.params, "run_dir": t.folder} for t in self.trials]
@@ -106,6 +105,11 @@ class SweepPlan:
                   for t in data["trials"]]
         return cls(sweep_dir, data["spec"], data["base_config"], data["epoch_tokens"], data["params"],
                    data["summary"], trials)
+
+
+def plan_header(spec: dict[str, Any], base_config: dict[str, Any], epoch_tokens: int | None) -> dict[str, Any]:
+    """What identifies a plan: equal headers give equal trials."""
+    return {"spec": spec, "base_config": base_config, "epoch_tokens": epoch_tokens}
 
 
 def build_trial_config(base: dict[str, Any], params: dict[str, Any], epoch_tokens: int | None, run_dir: str) -> RunConfig:
@@ -142,7 +146,10 @@ def _get(data: dict[str, Any], key: str) -> Any:
 def make_plan(spec: SweepSpec) -> SweepPlan:
     """Every trial of `spec`, each config validated; GptrainError naming the first bad one."""
     base = resolve_base(spec)
-    epoch_tokens = resolve_epoch_tokens(spec, base)
+    return _plan_trials(spec, base, resolve_epoch_tokens(spec, base))
+
+
+def _plan_trials(spec: SweepSpec, base: dict[str, Any], epoch_tokens: int | None) -> SweepPlan:
     for key in spec.axis_keys:
         _check_config_key(base, key, spec.source)
     points, how = _points(spec)
@@ -270,7 +277,8 @@ def open_sweep(spec: SweepSpec, write: bool = True) -> SweepPlan:
     trials were validated when it was written), else a new one, written there when `write`.
     A folder planned from another spec or base config is an error naming what differs."""
     base = resolve_base(spec)
-    header = {"spec": spec.to_dict(), "base_config": base, "epoch_tokens": resolve_epoch_tokens(spec, base)}
+    epoch_tokens = resolve_epoch_tokens(spec, base)
+    header = plan_header(spec.to_dict(), base, epoch_tokens)
     plan_url = storage.join(spec.sweep_dir, PLAN_FILE)
     if storage.exists(plan_url):
         stored = read_plan_json(plan_url)
@@ -282,12 +290,18 @@ def open_sweep(spec: SweepSpec, write: bool = True) -> SweepPlan:
                 "use another sweep folder (--sweep-dir) or the same spec and overrides"
             )
         return SweepPlan.from_json(stored, spec.sweep_dir)
-    plan = make_plan(spec)
+    plan = _plan_trials(spec, base, epoch_tokens)
     if write:
         storage.write_bytes_atomic(storage.join(spec.sweep_dir, SPEC_FILE), yaml.safe_dump(plan.spec, sort_keys=False).encode())
         storage.write_json_atomic(plan_url, plan.to_json())
         log.info("planned %s: %s -> %s", plan.name, plan.summary, plan_url)
     return plan
+
+
+def open_spec(spec: str, overrides: list[str], sweep_dir: str | None, write: bool) -> SweepPlan:
+    """`open_sweep` for a shipped spec name or YAML file/URL with KEY=VALUE overrides for every
+    trial: what `gptrain sweep` and the submitit launcher open."""
+    return open_sweep(load_spec(spec, overrides, sweep_dir), write=write)
 
 
 def load_plan(sweep_dir: str) -> SweepPlan:

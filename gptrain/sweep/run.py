@@ -41,7 +41,7 @@ def read_trial_record(plan: SweepPlan, trial: Trial) -> dict[str, Any] | None:
 def run_trial(plan: SweepPlan, index: int) -> int:
     """Train trial `index` unless it is done; returns the process exit status."""
     from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
-    from gptrain.distributed import detect_env
+    from gptrain.distributed import is_main
     from gptrain.train.trainer import train
 
     trial = plan.trial(index)
@@ -52,7 +52,7 @@ def run_trial(plan: SweepPlan, index: int) -> int:
                  index, trial.id, record["summary"].get("val_loss"), url)
         return 0
     config = plan.trial_config(trial)
-    is_main = detect_env().is_main
+    main_rank = is_main()  # only rank 0 writes the trial record
     attempts = [] if record is None else record["attempts"]
     attempt = {"started_at": time.time(), "ended_at": None, "outcome": None, "host": socket.gethostname()}
     record = {"index": index, "id": trial.id, "params": trial.params, "status": "running",
@@ -62,7 +62,7 @@ def run_trial(plan: SweepPlan, index: int) -> int:
              plan.name, index, len(plan.trials), trial.id, trial.describe(), url, resuming)
 
     def save() -> None:
-        if is_main:
+        if main_rank:
             storage.write_json_atomic(storage.join(url, TRIAL_FILE), record)
 
     def finish(status: str, **fields: Any) -> None:
