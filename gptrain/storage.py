@@ -8,6 +8,7 @@ S3 endpoint and credentials come from the standard AWS environment variables
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -91,3 +92,13 @@ def write_json_atomic(url: str, obj: Any) -> None:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def sha256_of(url: str) -> str:
+    """sha256 of a local file or fsspec URL, read in 8 MiB blocks so memory stays small."""
+    fs, path = filesystem(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()

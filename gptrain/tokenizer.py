@@ -124,7 +124,7 @@ def seed_tiktoken_cache(cache_dir: str | None = None) -> str:
     source_dir = None
     for file_name, expected in GPT2_FILE_SHA256.items():
         target = gpt2_cache_path(cache_dir, file_name)
-        if os.path.isfile(target) and _sha256_file(target) == expected:
+        if os.path.isfile(target) and storage.sha256_of(target) == expected:
             continue
         source_dir = source_dir or gpt2_source_dir()
         data = _read_verified(os.path.join(source_dir, file_name), expected)
@@ -148,11 +148,6 @@ def _read_verified(path: str, expected_sha256: str) -> bytes:
     if actual != expected_sha256:
         raise GptrainError(f"{path}: sha256 {actual} does not match the expected {expected_sha256}; refusing it")
     return data
-
-
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -51,8 +51,13 @@ def book_file_name(book_id: int) -> str:
     return f"pg{book_id}.txt"
 
 
+def raw_book_path(book_id: int) -> str:
+    """Where a book lies in RAW_DIR, relative to it (what the dataset manifest records)."""
+    return f"books/{book_file_name(book_id)}"
+
+
 def raw_book_url(raw_dir: str, book_id: int) -> str:
-    return storage.join(raw_dir, "books", book_file_name(book_id))
+    return storage.join(raw_dir, *raw_book_path(book_id).split("/"))
 
 
 def raw_catalog_url(raw_dir: str) -> str:

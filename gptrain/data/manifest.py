@@ -93,15 +93,24 @@ def finalize(dataset: str, num_tasks: int | None = None) -> dict[str, Any]:
     if missing:
         named = ", ".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise GptrainError(f"{dataset}: cannot finalize, {len(missing)} of {num_tasks} tasks are not done: {named}")
-    markers = [_read_task_manifest(dataset, task) for task in tasks]
-    manifest = merge_task_manifests(markers)
+    manifest = merge_task_manifests(read_task_manifests(dataset, num_tasks))
+    write_manifest(dataset, manifest)
+    return manifest
+
+
+def read_task_manifests(dataset: str, num_tasks: int) -> list[dict[str, Any]]:
+    """The task manifests of tasks 0..num_tasks-1, in task order."""
+    return [_read_task_manifest(dataset, ArrayTask(index, num_tasks)) for index in range(num_tasks)]
+
+
+def write_manifest(dataset: str, manifest: dict[str, Any]) -> None:
+    """Write DATASET/manifest.json once every shard it lists matches its checksum."""
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     with Progress(total=sum(s["bytes"] for s in shards), desc="verify shards", unit="B") as progress:
         for shard in shards:
             verify_checksum(storage.join(dataset, shard["path"]), shard["sha256"])
             progress.update(shard["bytes"])
     storage.write_json_atomic(manifest_url(dataset), manifest)
-    return manifest
 
 
 def merge_task_manifests(markers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -25,17 +25,18 @@ from gptrain import storage
 from gptrain.array_task import ArrayTask, resolve_array_task
 from gptrain.data.catalog import read_catalog
 from gptrain.data.clean import LanguageFilter, clean_book
-from gptrain.data.download import raw_book_url, raw_catalog_url
+from gptrain.data.download import raw_book_path, raw_book_url, raw_catalog_url
 from gptrain.data.manifest import (
     SPLITS,
     VERSION,
-    finalize,
     finished_tasks,
     load_manifest,
     manifest_url,
     merge_task_manifests,
+    read_task_manifests,
     task_marker_url,
     task_name,
+    write_manifest,
 )
 from gptrain.data.shards import ShardWriter, token_dtype
 from gptrain.errors import GptrainError
@@ -120,7 +121,7 @@ def list_books(raw_dir: str) -> list[RawBook]:
     if storage.exists(raw_catalog_url(raw_dir)):
         languages = {e.book_id: e.languages for e in read_catalog(raw_catalog_url(raw_dir)) if e.languages}
     return [
-        RawBook(book_id, raw_book_url(raw_dir, book_id), f"books/pg{book_id}.txt", size, languages.get(book_id))
+        RawBook(book_id, raw_book_url(raw_dir, book_id), raw_book_path(book_id), size, languages.get(book_id))
         for book_id, size in sorted(ids.items())
     ]
 
@@ -245,19 +246,20 @@ def _same_books(books: list[RawBook], recorded: list[dict[str, Any]]) -> bool:
     catalog languages all match."""
     if len(books) != len(recorded) or any(b.source(s["sha256"], b.bytes) != s for b, s in zip(books, recorded)):
         return False
-    return all(hashlib.sha256(_read_book(b.url)).hexdigest() == s["sha256"] for b, s in zip(books, recorded))
+    return all(_book_sha256(b.url) == s["sha256"] for b, s in zip(books, recorded))
 
 
 def _finalize_if_complete(config: PrepareConfig, task: ArrayTask, params: dict[str, Any]) -> None:
     """The array's last finishing task writes the dataset manifest (others may race: same bytes)."""
     if not config.finalize or finished_tasks(config.out).get(task.count, set()) != set(range(task.count)):
         return
-    markers = [storage.read_json(task_marker_url(config.out, ArrayTask(i, task.count))) for i in range(task.count)]
+    markers = read_task_manifests(config.out, task.count)
     if any(marker["params"] != params for marker in markers):
         return  # a marker from an earlier run with other settings: that task has yet to redo its part
-    if storage.exists(manifest_url(config.out)) and load_manifest(config.out) == merge_task_manifests(markers):
+    manifest = merge_task_manifests(markers)
+    if storage.exists(manifest_url(config.out)) and load_manifest(config.out) == manifest:
         return
-    finalize(config.out, task.count)
+    write_manifest(config.out, manifest)
     log.info("prepare: all %d tasks done; wrote %s", task.count, manifest_url(config.out))
 
 
@@ -288,6 +290,13 @@ def _log_summary(task: ArrayTask, marker: dict[str, Any], seconds: float) -> Non
 def _read_book(url: str) -> bytes:
     try:
         return storage.read_bytes(url)
+    except OSError as err:
+        raise GptrainError(f"{url}: cannot read book ({err})") from err
+
+
+def _book_sha256(url: str) -> str:
+    try:
+        return storage.sha256_of(url)
     except OSError as err:
         raise GptrainError(f"{url}: cannot read book ({err})") from err
 

@@ -31,7 +31,6 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQ8x")
 HEADER_SIZE = HEADER.size  # 32
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-_HASH_BLOCK = 8 << 20
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -83,19 +82,9 @@ def open_tokens(path: str) -> np.ndarray:
     return np.frombuffer(mapped, dtype=header.dtype, count=header.num_tokens, offset=HEADER_SIZE)
 
 
-def sha256_of(url: str) -> str:
-    """sha256 of a local file or fsspec URL, read in blocks so memory stays small."""
-    fs, path = storage.filesystem(url)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_checksum(url: str, expected_sha256: str) -> None:
     try:
-        actual = sha256_of(url)
+        actual = storage.sha256_of(url)
     except FileNotFoundError as err:
         raise GptrainError(f"{url}: shard listed in the manifest is missing") from err
     if actual != expected_sha256:
@@ -131,7 +120,7 @@ def local_copy(url: str, sha256: str, cache_dir: str | None = None, verify: bool
             fs.get_file(remote, tmp)
         except FileNotFoundError as err:
             raise GptrainError(f"{url}: shard listed in the manifest is missing") from err
-        actual = sha256_of(tmp)
+        actual = storage.sha256_of(tmp)
         if actual != sha256:
             raise GptrainError(
                 f"{url}: shard is corrupt: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}..."
