@@ -12,12 +12,10 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gptrain.errors import GptrainError
-
-if TYPE_CHECKING:
-    from gptrain.models.generation import SamplingConfig
+from gptrain.models.sampling import SamplingConfig
 
 CONFIG_ENV = "GPTRAIN_CHAT_CONFIG"
 
@@ -38,8 +36,6 @@ class ChatConfig:
         self.sampling()  # SamplingConfig checks the values
 
     def sampling(self, stop_ids: tuple[int, ...] = ()) -> SamplingConfig:
-        from gptrain.models.generation import SamplingConfig
-
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
             top_k=self.top_k, top_p=self.top_p, stop_ids=stop_ids,

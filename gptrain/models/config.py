@@ -105,17 +105,6 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GptrainError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
-        if isinstance(data.get("rope_scaling"), dict):
-            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
-        return cls(**data)
-
 
 def _gpt2(n_layers: int, n_heads: int, d_model: int, **kw) -> ModelConfig:
     base = dict(

@@ -9,33 +9,14 @@ its first stop token; generation ends when every row has stopped or the budget i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from gptrain.errors import GptrainError
+from gptrain.models.sampling import SamplingConfig
 from gptrain.models.transformer import Transformer
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy (argmax)
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
-    use_cache: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise GptrainError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GptrainError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise GptrainError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise GptrainError(f"top_p must be in (0, 1], got {self.top_p}")
+__all__ = ["SamplingConfig", "generate", "generate_stream", "sample_next_token"]
 
 
 def sample_next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,9 +29,9 @@ def sample_next_token(logits: torch.Tensor, config: SamplingConfig, generator: t
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
     if config.top_p is not None and config.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= config.top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= config.top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -86,12 +67,15 @@ def generate_stream(model: Transformer, prompts: list[list[int]], config: Sampli
         logits = model(step_input, *_positions_and_mask(is_real, new=step_input.shape[1]), kv_caches=caches)
         next_token = sample_next_token(logits[:, -1], config, generator)
         stopped |= torch.isin(next_token, stop_ids)
-        yield [None if done else int(t) for t, done in zip(next_token.tolist(), stopped.tolist())]
-        if bool(stopped.all()):
+        row_stopped = stopped.tolist()
+        yield [None if done else int(t) for t, done in zip(next_token.tolist(), row_stopped)]
+        if all(row_stopped):
             return
-        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
         is_real = torch.cat((is_real, torch.ones(batch, 1, dtype=torch.bool, device=device)), dim=1)
-        step_input = next_token[:, None] if caches is not None else tokens
+        if caches is not None:
+            step_input = next_token[:, None]  # the cache holds the keys and values of all before it
+        else:
+            tokens = step_input = torch.cat((tokens, next_token[:, None]), dim=1)
 
 
 def _positions_and_mask(is_real: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
