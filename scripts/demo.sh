@@ -41,18 +41,4 @@ $GPTRAIN data stats "$OUT/dataset"
 echo "== train the debug preset on the CPU"
 $GPTRAIN train --config debug data.path="$OUT/dataset" train.run_dir="$OUT"
 
-echo "== result"
-.venv/bin/python - "$OUT" <<'EOF'
-import json
-import sys
-
-run_dir = sys.argv[1]
-with open(f"{run_dir}/metrics.jsonl") as f:
-    evals = [r for r in map(json.loads, f) if r["kind"] == "eval"]
-first, last = evals[0], evals[-1]
-print(f"validation loss {first['val_loss']:.3f} at step {first['step']} -> {last['val_loss']:.3f} at step "
-      f"{last['step']} (perplexity {first['val_ppl']:,.0f} -> {last['val_ppl']:,.0f})")
-print(f"sample from the final model:\n  {last['sample']!r}")
-print(f"loss plot: {run_dir}/loss.png; metrics: {run_dir}/metrics.jsonl; config: {run_dir}/config.yaml")
-EOF
 echo "demo finished in $(($(date +%s) - start)) s"

@@ -143,7 +143,8 @@ class Trainer:
         # Rank 0's W&B run id goes into every rank's checkpoint (they must all save the same).
         self.checkpointer.wandb_run_id = broadcast_object(self.logger.wandb_run_id)
         self.tokenizer = None  # loaded on first use, on rank 0 only (it samples the text)
-        self.evals: list[dict[str, Any]] = []
+        # A resumed run's summary starts from its first evaluation, not the first since the resume.
+        self.evals: list[dict[str, Any]] = [r for r in self.logger.records if r["kind"] == "eval"]
         self._window_start, self._window_tokens = time.perf_counter(), 0
 
     def fit(self) -> dict[str, Any]:
