@@ -11,7 +11,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c $(CONSTRAINTS) torch==2.13.0
+	# torch first, at the constraint's version (the CPU wheel).
+	$(BIN)/pip install -q -c $(CONSTRAINTS) torch
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[wandb,galore,launch,test]'
 	# The UI extra on its own: resolved together with the rest, pip backtracks for minutes.
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[ui]'

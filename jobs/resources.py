@@ -69,8 +69,6 @@ def make_executor(
     (job ids; an array task's id stands for its whole array) has succeeded."""
     if cluster not in CLUSTERS:
         raise GptrainError(f"--cluster {cluster!r}: must be one of {', '.join(CLUSTERS)}")
-    if after and cluster != "slurm":
-        raise GptrainError(f"--cluster {cluster}: job dependencies need Slurm; wait for the jobs' results instead")
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     executor.update_parameters(
         name=name,

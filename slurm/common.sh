@@ -25,6 +25,9 @@ fi
 # CPUs (several jobs may share the node). torchrun also sets 1 when it starts several workers.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
+# The tokenized dataset (folder or fsspec URL): preprocess writes it, pretrain and sweep read it.
+dataset=${GPTRAIN_DATASET:-data/gutenberg}
+
 container_srun_options=()
 container_exec=()
 if [ -n "${GPTRAIN_CONTAINER_IMAGE:-}" ]; then
