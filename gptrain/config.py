@@ -382,6 +382,16 @@ def _describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (a config's to_dict()) as {dotted key: leaf value}."""
+    if not isinstance(data, dict) or not data:
+        return {prefix: data}
+    flat = {}
+    for key, value in data.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
 def _field_hint(path: str) -> Any:
     """The type of a dotted config key, checking every part of it exists."""
     hint: Any = RunConfig

@@ -37,6 +37,8 @@ from k8s_fixtures import (
     write_config_map,
 )
 
+from gptrain.config import flatten
+
 OVERLAYS = ["overlays/cpu-smoke", "overlays/gpu", "overlays/gpu-jobset"]
 KUSTOMIZATIONS = ["base", *OVERLAYS]
 STAGES = {"download", "prepare", "finalize", "pretrain", "sweep"}
@@ -434,16 +436,6 @@ def test_every_object_belongs_to_a_stage(kustomization):
 # The run configurations
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 @pytest.mark.parametrize(
     ("kustomization", "preset", "changed"),
     [
@@ -462,7 +454,7 @@ def test_run_config_loads_and_follows_its_preset(kustomization, preset, changed,
     config_map = one(objects, "ConfigMap", pod.mounts["/etc/gptrain"]["configMap"]["name"])
     text = config_map["data"][Path(RUN_CONFIG).name]
     preset_text = (Path(__file__).resolve().parents[1] / "gptrain" / "presets" / f"{preset}.yaml").read_text()
-    ours, theirs = _flatten(yaml.safe_load(text)), _flatten(yaml.safe_load(preset_text))
+    ours, theirs = flatten(yaml.safe_load(text)), flatten(yaml.safe_load(preset_text))
     assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} == changed
 
     overrides = pod.argv[pod.argv.index(f"--config={RUN_CONFIG}") + 1:]

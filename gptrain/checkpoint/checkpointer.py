@@ -46,7 +46,7 @@ from gptrain.checkpoint.store import (
     write_run_files,
     write_shards,
 )
-from gptrain.config import RunConfig
+from gptrain.config import RunConfig, flatten
 from gptrain.data.loader import TokenDataset
 from gptrain.distributed import any_rank, broadcast_object, current_env
 from gptrain.errors import GptrainError
@@ -292,21 +292,10 @@ class Checkpointer:
             ]
             config_url = storage.join(url, CONFIG_FILE)
             raise CheckpointError(f"{config_url} describes a different model than this run's ({'; '.join(diffs)})")
-        changed = _changed_keys(saved.to_dict(), self.config.to_dict())
+        old, new = flatten(saved.to_dict()), flatten(self.config.to_dict())
+        changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in new.items() if old.get(key) != value]
         if changed:
             log.info("config changed since %s: %s", url, "; ".join(changed))
-
-
-def _changed_keys(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    changes = []
-    for key, value in current.items():
-        name = f"{prefix}{key}"
-        old = saved.get(key)
-        if isinstance(value, dict) and isinstance(old, dict):
-            changes.extend(_changed_keys(old, value, name + "."))
-        elif old != value:
-            changes.append(f"{name} {old!r} -> {value!r}")
-    return changes
 
 
 def load_initial_weights(model: torch.nn.Module, url: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from gptrain import storage
-from gptrain.config import RunConfig, load_config
+from gptrain.config import RunConfig, flatten, load_config
 from gptrain.errors import GptrainError
 from gptrain.sweep.spec import EPOCHS_KEY, SEED_KEY, SweepSpec, load_spec
 
@@ -320,16 +320,6 @@ def read_plan_json(url: str) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise GptrainError(f"{url}: not a gptrain sweep plan (format is not {FORMAT!r})")
     return data
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as {dotted key: leaf value}."""
-    if not isinstance(data, dict) or not data:
-        return {prefix: data}
-    flat = {}
-    for key, value in data.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

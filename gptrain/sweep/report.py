@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptrain import storage
-from gptrain.sweep.plan import SweepPlan, Trial, flatten, load_plan
+from gptrain.config import flatten
+from gptrain.sweep.plan import SweepPlan, Trial, load_plan
 from gptrain.sweep.run import read_trial_record
 from gptrain.sweep.spec import EPOCHS_KEY
 
