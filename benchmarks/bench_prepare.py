@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from gptrain import storage
-from gptrain.data.catalog import read_catalog
+from gptrain.data.catalog import CATALOG_PATH, read_catalog
 from gptrain.data.clean import clean_book
+from gptrain.data.download import mirror_book_path, raw_book_path
 from gptrain.data.manifest import load_manifest
 from gptrain.data.prepare import PrepareConfig, list_books, run_prepare
 from gptrain.tokenizer import get_tokenizer
@@ -36,14 +37,14 @@ MIRROR = Path(__file__).resolve().parents[1] / ".." / "shared" / "gutenberg-mirr
 
 def build_raw_dir(raw: Path, copies: int) -> None:
     """English mirror books, `copies` times (ids offset by 1,000,000 per copy), no catalog."""
-    catalog = read_catalog(str(MIRROR / "cache" / "epub" / "feeds" / "pg_catalog.csv"))
+    catalog = read_catalog(str(MIRROR / CATALOG_PATH))
     english = [e.book_id for e in catalog if "en" in e.languages]
     (raw / "books").mkdir(parents=True)
     for copy in range(copies):
         for book_id in english:
-            source = MIRROR / "cache" / "epub" / str(book_id) / f"pg{book_id}.txt"
+            source = MIRROR / mirror_book_path(book_id)
             if source.exists():
-                shutil.copyfile(source, raw / "books" / f"pg{book_id + copy * 1_000_000}.txt")
+                shutil.copyfile(source, raw / raw_book_path(book_id + copy * 1_000_000))
 
 
 def cpu_seconds() -> float:

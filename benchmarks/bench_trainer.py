@@ -143,13 +143,12 @@ def trainer_step(config) -> Callable[[], None]:
 
 
 def prepare_dataset(out: Path) -> str:
+    """Five books from the test mirror, downloaded and prepared with gptrain's data pipeline."""
+    from gptrain.data.download import DownloadConfig, download
     from gptrain.data.prepare import PrepareConfig, run_prepare
 
     raw = out / "raw"
-    (raw / "books").mkdir(parents=True)
-    for book_id in (11, 35, 41, 43, 46):
-        source = MIRROR / "cache" / "epub" / str(book_id) / f"pg{book_id}.txt"
-        (raw / "books" / f"pg{book_id}.txt").write_bytes(source.read_bytes())
+    download(DownloadConfig(out=str(raw), mirror=str(MIRROR), ids=(11, 35, 41, 43, 46), rate=0))
     run_prepare(PrepareConfig(input=str(raw), out=str(out / "data"), languages=(), val_fraction=0.3, workers=1))
     return str(out / "data")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -37,6 +39,15 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def is_running(pid: int) -> bool:
+    """True while `pid` runs; a zombie (PID 1 of a container or namespace may reap slowly) counts as dead."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a process we started: SIGTERM, then SIGKILL if it lingers."""
     if proc.poll() is None:
@@ -46,6 +57,43 @@ def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def stop_session(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Stop a process started with start_new_session=True and everything left in its session:
+    SIGTERM first, which torchrun passes on to its workers (they run in sessions of their own,
+    out of reach of the group kill), then SIGKILL to the whole process group."""
+    stop_pid(proc, timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# Variables through which a launcher (torchrun, Slurm, Kubernetes) would tell a test's child
+# processes that they are ranks of some run; the tests set what they mean to.
+LAUNCHER_ENV_PREFIXES = ("SLURM_", "RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "MASTER_", "TORCHELASTIC_",
+                         "JOB_COMPLETION_INDEX", "GPTRAIN_")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without launcher variables, for child processes that run gloo ranks
+    (one thread each, over loopback), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_ENV_PREFIXES)}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_to_completion(command: list[str], timeout: float, **popen_kwargs) -> None:
+    """Run a command we start and fail unless it exits 0. Past `timeout` it is stopped with
+    stop_pid: SIGTERM, which torchrun passes on to its workers (they run in sessions of their
+    own, out of reach of a signal to torchrun's process group)."""
+    proc = subprocess.Popen(command, **popen_kwargs)
+    try:
+        status = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{shlex.join(command)} did not finish within {timeout} s") from None
+    finally:
+        stop_pid(proc, timeout=60)  # an interrupted test leaves nothing behind either
+    assert status == 0, f"{shlex.join(command)} exited with status {status}"
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from conftest import REPO, free_port, stop_pid, wait_for_port
+from conftest import REPO, free_port, is_running, stop_pid, wait_for_port
 
 CACHE_DIR = Path(os.environ.get("GPTRAIN_TEST_CACHE", "/var/tmp/gptrain-test-cache"))
 CONSTRAINTS = REPO / "constraints" / "cpu.txt"
@@ -45,15 +45,6 @@ DATA_ROOT_TMPFS_SIZE = "8g"
 
 # --------------------------------------------------------------------------------------------
 # The daemon
-
-
-def is_running(pid: int) -> bool:
-    """True while `pid` runs; a zombie (PID 1 here reaps slowly) counts as dead."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _terminate(pid: int, timeout: float) -> None:

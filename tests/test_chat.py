@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from gptrain.chat.config import ChatConfig
 from gptrain.chat.reply import VerbatimReply
 from gptrain.errors import GptrainError
@@ -76,12 +76,6 @@ def greedy_continuation(weights: Path, max_new_tokens: int) -> str:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(PROMPT) and result.stdout.endswith("\n")
     return result.stdout[len(PROMPT):-1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def live_processes_in_group(pgid: int) -> list[int]:

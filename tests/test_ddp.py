@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import run_to_completion
+from gptrain.checkpoint.export import load_model_from_checkpoint
 from train_fixtures import gutenberg_dataset  # noqa: F401 (a fixture)
 
-WORKER = Path(__file__).with_name("ddp_train_worker.py")
 VENV_BIN = Path(sys.executable).parent
 STEPS, EVERY = 6, 3
 COMMON = [
@@ -34,23 +33,24 @@ def test_two_ranks_equal_one_rank_with_two_accumulation_steps(tmp_path, gutenber
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     data = f"data.path={gutenberg_dataset}"
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
-    subprocess.run(
-        [sys.executable, str(WORKER), str(tmp_path / "single.pt"), "debug", data, f"train.run_dir={single_dir}",
+    run_to_completion(
+        [sys.executable, "-m", "gptrain", "train", "--config", "debug", data, f"train.run_dir={single_dir}",
          "train.grad_accum_steps=2", *COMMON],
-        env=env, check=True, timeout=300,
+        timeout=300, env=env,
     )
     # torchrun's rendezvous store listens on all interfaces: run it in a private network
     # namespace that has only loopback.
     torchrun = [
-        str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(WORKER), str(tmp_path / "ddp.pt"),
-        "debug", data, f"train.run_dir={ddp_dir}", "train.grad_accum_steps=1", *COMMON,
+        str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "gptrain", "train",
+        "--config", "debug", data, f"train.run_dir={ddp_dir}", "train.grad_accum_steps=1", *COMMON,
     ]
-    subprocess.run(
-        ["unshare", "--net", "bash", "-c", "ip link set lo up && exec " + shlex.join(torchrun)],
-        env=env, check=True, timeout=300,
+    run_to_completion(
+        ["unshare", "--net", "bash", "-c", "ip link set lo up && exec " + shlex.join(torchrun)], timeout=300, env=env,
     )
 
-    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    # The final checkpoint of each run (the trainer commits one at the end).
+    single = load_model_from_checkpoint(str(single_dir)).state_dict()
+    ddp = load_model_from_checkpoint(str(ddp_dir)).state_dict()
     assert single.keys() == ddp.keys()
     max_diff = max((single[k] - ddp[k]).abs().max().item() for k in single)
     assert max_diff <= 1e-5, f"parameters differ by up to {max_diff}"

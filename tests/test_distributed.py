@@ -11,13 +11,13 @@ import dataclasses
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import clean_env, stop_session
 from gptrain.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -174,26 +174,16 @@ def test_collectives_are_no_ops_without_a_process_group(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Real multi-process runs: 2 processes, gloo, inside a loopback-only network namespace.
 
-CLEAN_ENV_PREFIXES = ("SLURM_", "RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "MASTER_", "TORCHELASTIC_",
-                      "JOB_COMPLETION_INDEX", "GPTRAIN_")
-
-
-def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _run_in_netns(script: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     """Run a bash script in a new network namespace with only loopback up."""
     proc = subprocess.Popen(
         ["unshare", "--net", "bash", "-c", "ip link set lo up\n" + script],
-        env=_base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started: unshare, bash, workers
+        stop_session(proc)  # the session this test started: unshare, bash, workers
         out, _ = proc.communicate()
         pytest.fail(f"distributed run did not finish in {timeout}s:\n{out}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)

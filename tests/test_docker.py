@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN
+from conftest import REPO, VENV_BIN, is_running
 from docker_fixtures import (
     CONSTRAINTS,
     DOCKER_CLIENT,
     DockerDaemon,
     base_rootfs_tar,
-    is_running,
     served_on_localhost,
     wheelhouse,
 )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from download_fixtures import SLOW, FaultyMirror
 from gptrain.cli import main
 from gptrain.data import download as dl
@@ -236,10 +236,7 @@ def test_output_to_s3(faulty_mirror, s3_bucket, mirror_dir):
 
 
 def test_unreachable_or_wrong_mirrors_name_the_url(faulty_mirror, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
-    closed = f"http://127.0.0.1:{closed_port}/"
+    closed = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     cases = [
         (closed, rf"{closed}{CATALOG_PATH}: cannot read the catalog \(URLError: .*refused"),
         (str(tmp_path / "nowhere"), r"nowhere/cache/epub/feeds/pg_catalog\.csv: no Project Gutenberg catalog"),

@@ -107,11 +107,10 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from checkpoint_fixtures import TINY_MODEL, prepare_dataset, same_weights  # noqa: E402
+from conftest import clean_env, is_running, stop_session  # noqa: E402
 from gptrain.checkpoint import commit as commits  # noqa: E402
 from gptrain.checkpoint.export import load_model_from_checkpoint  # noqa: E402
 
-CLEAN_ENV_PREFIXES = ("SLURM_", "RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "MASTER_", "TORCHELASTIC_",
-                      "JOB_COMPLETION_INDEX", "GPTRAIN_")
 STEPS = 16  # one process: 4 windows a step (2 x 2 accumulation) of 45 per epoch: crosses an epoch
 WINDOWS = 40  # DDP runs: 40 of the 45 windows, all in epoch 0, so every window id is unique
 
@@ -134,10 +133,7 @@ def write_config(path: Path, data: Path, run_dir: str, train=(), checkpoint=(), 
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
-    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1", WANDB_MODE="offline",
-               WANDB_SILENT="true")
-    return env
+    return clean_env(WANDB_MODE="offline", WANDB_SILENT="true")
 
 
 def start(config: Path, *options: str, ranks: int = 0, log: Path) -> subprocess.Popen:
@@ -164,18 +160,14 @@ def stop_leftover_processes():
     """A test that fails half way leaves no training process behind."""
     yield
     while _started:
-        proc = _started.pop()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
-            proc.wait()
+        stop_session(_started.pop())
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> int:
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
-        proc.wait()
+        stop_session(proc)
         pytest.fail(f"training process {proc.args} did not finish in {timeout}s")
 
 
@@ -229,14 +221,7 @@ class ForkServer:
 
     @staticmethod
     def alive(pid: int):
-        def check() -> bool:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().rpartition(")")[2].split()[0] != "Z"  # not yet a zombie
-            except FileNotFoundError:
-                return False
-
-        return check
+        return lambda: is_running(pid)
 
 
 def train_records(run_dir: Path) -> list[dict]:
