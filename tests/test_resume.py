@@ -110,6 +110,7 @@ from checkpoint_fixtures import TINY_MODEL, prepare_dataset, same_weights  # noq
 from conftest import clean_env, is_running, stop_session  # noqa: E402
 from gptrain.checkpoint import commit as commits  # noqa: E402
 from gptrain.checkpoint.export import load_model_from_checkpoint  # noqa: E402
+from gptrain.train.logger import read_metrics  # noqa: E402
 
 STEPS = 16  # one process: 4 windows a step (2 x 2 accumulation) of 45 per epoch: crosses an epoch
 WINDOWS = 40  # DDP runs: 40 of the 45 windows, all in epoch 0, so every window id is unique
@@ -226,14 +227,11 @@ class ForkServer:
 
 def train_records(run_dir: Path) -> list[dict]:
     """The logged train records without the wall-clock ones (throughput depends on the machine)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     keep = ("step", "loss", "lr", "grad_norm", "tokens_seen")
-    return [{k: r[k] for k in keep} for r in map(json.loads, lines) if r["kind"] == "train"]
+    return [{k: r[k] for k in keep} for r in read_metrics(str(run_dir)) if r["kind"] == "train"]
 
 
 def last_logged_step(run_dir: Path) -> int:
-    if not (run_dir / "metrics.jsonl").exists():
-        return 0
     return max((r["step"] for r in train_records(run_dir)), default=0)
 
 

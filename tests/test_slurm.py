@@ -20,6 +20,7 @@ import torch
 
 from gptrain.checkpoint.export import load_model_from_checkpoint
 from gptrain.sweep.report import write_report
+from gptrain.train.logger import read_metrics
 from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -44,10 +45,7 @@ def _train_env(cluster: SlurmCluster, work: Path, run_dir: Path, **extra: str) -
 
 
 def _train_records(run_dir: Path) -> list[dict]:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return []
-    return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+    return [r for r in read_metrics(str(run_dir)) if r["kind"] == "train"]
 
 
 def _completed(records: list[dict[str, str]]) -> None:

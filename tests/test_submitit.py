@@ -16,6 +16,7 @@ import pytest
 import submitit
 
 from gptrain.errors import GptrainError
+from gptrain.train.logger import read_metrics
 from jobs import Resources, submit_preprocess, submit_pretrain, submit_sweep
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 (a fixture)
 
@@ -141,10 +142,7 @@ def test_pretrain_interrupted_resumes_and_completes(chain: dict, on_cluster: Slu
 
 
 def _trained_steps(run_dir: Path) -> list[int]:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        return []
-    return [r["step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+    return [r["step"] for r in read_metrics(str(run_dir)) if r["kind"] == "train"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from gptrain.config import RunConfig, load_config
 from gptrain.distributed import DistEnv
 from gptrain.errors import GptrainError
 from gptrain.models import Transformer, get_model_config
+from gptrain.train.logger import MetricsLogger
 from gptrain.train.metrics import PeakFlops, gpu_peak_flops, mfu
 from gptrain.train.optim import build_optimizer, split_parameters
 from gptrain.train.trainer import Trainer
@@ -198,6 +199,18 @@ def test_vocabulary_mismatch_is_refused_at_start(tmp_path, gutenberg_dataset):  
     with pytest.raises(GptrainError, match=r"50257-token vocabulary .*model.vocab_size is 32000"):
         Trainer(config, DistEnv())
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_logger_keeps_records_up_to_the_checkpoint_and_skips_a_torn_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [{"kind": "train", "step": step, "loss": 1.0 / step} for step in (1, 2, 3, 4)]
+    # Steps 1-4 logged, then the process died while appending step 5's line.
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tra')
+    config = load_config("debug", [f"train.run_dir={run_dir}", "logging.plot=false"])
+    logger = MetricsLogger(config, enabled=True, resume_step=3)
+    assert logger.records == records[:3]  # step 4 comes again after the step-3 checkpoint
+    assert _records(run_dir) == records[:3]
 
 
 def test_token_budget_sets_the_number_of_steps(tmp_path, gutenberg_dataset):  # noqa: F811

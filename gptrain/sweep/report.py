@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +28,8 @@ from gptrain.config import flatten
 from gptrain.sweep.plan import SweepPlan, Trial, load_plan
 from gptrain.sweep.run import read_trial_record
 from gptrain.sweep.spec import EPOCHS_KEY
+from gptrain.train.logger import read_metrics
 
-METRICS_FILE = "metrics.jsonl"  # written by the trainer (gptrain.train.logger)
 BEST_CONFIG_FILE = "best_config.yaml"
 STATUSES = ("done", "failed", "running-or-preempted", "not started")
 
@@ -78,7 +77,7 @@ def collect_results(plan: SweepPlan) -> list[TrialResult]:
     results = []
     for trial in plan.trials:
         record = read_trial_record(plan, trial)
-        records = read_metrics(storage.join(plan.trial_url(trial), METRICS_FILE))
+        records = read_metrics(plan.trial_url(trial))
         if record is not None:
             status = record["status"] if record["status"] in ("done", "failed") else "running-or-preempted"
             ended = [a["ended_at"] - a["started_at"] for a in record["attempts"] if a["ended_at"] is not None]
@@ -89,19 +88,6 @@ def collect_results(plan: SweepPlan) -> list[TrialResult]:
         results.append(TrialResult(trial, status, values, _last_per_step(records, "eval"),
                                    _last_per_step(records, "train"), time_s))
     return results
-
-
-def read_metrics(url: str) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill is skipped."""
-    if not storage.exists(url):
-        return []
-    records = []
-    for line in storage.read_bytes(url).decode(errors="replace").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def _last_per_step(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -45,9 +45,8 @@ class MetricsLogger:
             return
         wandb = _import_wandb() if config.logging.wandb else None  # fails before anything is written
         storage.write_bytes_atomic(storage.join(self.run_dir, CONFIG_FILE), config.to_yaml().encode())
-        if resume_step is not None and config.logging.jsonl and storage.exists(self.metrics_url):
-            lines = storage.read_bytes(self.metrics_url).decode().splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+        if resume_step is not None and config.logging.jsonl:
+            self.records = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
         if config.logging.jsonl and self._local:  # empty for a fresh run; the records kept for a resumed one
             storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
         if wandb is not None:
@@ -111,6 +110,21 @@ def format_record(record: dict[str, Any]) -> str:
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
         f"tokens {record['tokens_seen']:,} | mfu {mfu} | mem {record['peak_memory_gib']:.2f} GiB"
     )
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """RUN_DIR/metrics.jsonl's records ([] before there are any); a line cut short by a kill
+    is skipped."""
+    url = storage.join(run_dir, METRICS_FILE)
+    if not storage.exists(url):
+        return []
+    records = []
+    for line in storage.read_bytes(url).decode(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
