@@ -415,16 +415,25 @@ def _accepts_str(hint: Any) -> bool:
 # Loading: a preset or YAML file, then dotted overrides.
 
 
+def shipped_yaml_names(folder: str) -> list[str]:
+    """The YAML files shipped in the package folder gptrain/<folder>/, without .yaml."""
+    shipped = importlib.resources.files("gptrain") / folder
+    return sorted(p.name.removesuffix(".yaml") for p in shipped.iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_yaml_text(folder: str, name: str) -> str:
+    return (importlib.resources.files("gptrain") / folder / f"{name}.yaml").read_text()
+
+
 def preset_names() -> list[str]:
-    presets = importlib.resources.files("gptrain") / "presets"
-    return sorted(p.name.removesuffix(".yaml") for p in presets.iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names("presets")
 
 
 def load_config(name_or_file: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A shipped preset (gptrain/presets/NAME.yaml) or a YAML file/URL, with `section.key=value` overrides."""
     if name_or_file in preset_names():
         source = f"preset {name_or_file!r}"
-        text = (importlib.resources.files("gptrain") / "presets" / f"{name_or_file}.yaml").read_text()
+        text = shipped_yaml_text("presets", name_or_file)
     elif storage.exists(name_or_file):
         source = name_or_file
         text = storage.read_bytes(name_or_file).decode()

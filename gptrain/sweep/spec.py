@@ -34,7 +34,6 @@ against the config, trial by trial, when the sweep is planned (gptrain.sweep.pla
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 import posixpath
@@ -46,6 +45,7 @@ from typing import Any, Literal
 import yaml
 
 from gptrain import storage
+from gptrain.config import shipped_yaml_names, shipped_yaml_text
 from gptrain.errors import GptrainError
 
 EPOCHS_KEY = "epochs"  # the pseudo-key that epoch_tokens enables
@@ -164,8 +164,7 @@ def _override_text(value: Any) -> str:
 
 
 def spec_names() -> list[str]:
-    sweeps = importlib.resources.files("gptrain") / "sweeps"
-    return sorted(p.name.removesuffix(".yaml") for p in sweeps.iterdir() if p.name.endswith(".yaml"))
+    return shipped_yaml_names("sweeps")
 
 
 def load_spec(name_or_file: str, overrides: list[str] | tuple[str, ...] = (), sweep_dir: str | None = None) -> SweepSpec:
@@ -173,7 +172,7 @@ def load_spec(name_or_file: str, overrides: list[str] | tuple[str, ...] = (), sw
     overrides for every trial and optionally another sweep folder."""
     if name_or_file in spec_names():
         source = f"sweep spec {name_or_file!r}"
-        text = (importlib.resources.files("gptrain") / "sweeps" / f"{name_or_file}.yaml").read_text()
+        text = shipped_yaml_text("sweeps", name_or_file)
         default_name = name_or_file
     elif storage.exists(name_or_file):
         source = name_or_file
