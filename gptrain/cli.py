@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from gptrain.errors import GptrainError
+from gptrain.errors import EXIT_BAD_INPUT, EXIT_CRASH, GptrainError, StorageError
 
 # Command modules in pipeline order, which is the order `gptrain --help` lists them in.
 COMMAND_MODULES = [
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (GptrainError, FileNotFoundError) as err:
         print(f"gptrain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except StorageError as err:
+        print(f"gptrain {args.command}: storage error: {err}", file=sys.stderr)
+        return EXIT_CRASH
 
 
 if __name__ == "__main__":
