@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := constraints/cpu.txt
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test venv clean
 
@@ -18,10 +19,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[ui]'
 	touch $@
 
+# What only the tests need on top: TensorFlow (the tf extra, ~250 MB) writes and reads the
+# OpenAI GPT-2 checkpoints of tests/test_weights.py; `make demo` does without it.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[tf]'
+	touch $@
+
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	bash scripts/test.sh
 
 clean:

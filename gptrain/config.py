@@ -191,13 +191,18 @@ class EvalConfig:
     max_windows: int = 100  # context windows of the validation split per evaluation
     sample_prompt: str = "Every effort moves you"  # "" skips the text sample
     sample_max_new_tokens: int = 50
-    sample_temperature: float = 0.0  # 0: greedy decoding
+    # Sampled, not greedy: greedy decoding of a small or young model loops on one token
+    # (often a newline). sample_temperature=0 picks greedily; the sample is seeded (train.seed).
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 40  # sample among the k most likely tokens; null: among all
 
     def __post_init__(self) -> None:
         _non_negative("eval.every", self.every, " (0: only at the end)")
         _require(self.max_windows >= 1, "eval.max_windows", self.max_windows, "must be >= 1")
         _non_negative("eval.sample_max_new_tokens", self.sample_max_new_tokens)
         _non_negative("eval.sample_temperature", self.sample_temperature)
+        _require(self.sample_top_k is None or self.sample_top_k >= 1, "eval.sample_top_k", self.sample_top_k,
+                 "must be >= 1, or null for no limit")
 
 
 @dataclass(frozen=True)

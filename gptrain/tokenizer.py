@@ -65,6 +65,10 @@ LLAMA3_NAMED_SPECIAL_TOKENS = (
     "<|python_tag|>",
 )
 LLAMA3_NUM_SPECIAL_TOKENS = 256
+# Llama 3's chat format (Meta's ChatFormat, and the chat_template of the Instruct models):
+#   <|begin_of_text|> then, per message, <|start_header_id|>ROLE<|end_header_id|>\n\nTEXT<|eot_id|>,
+#   and last the assistant's header, which the model continues up to its own <|eot_id|>.
+CHAT_ROLES = ("system", "user", "assistant")
 LLAMA3_SPECIAL_TOKENS = LLAMA3_NAMED_SPECIAL_TOKENS + tuple(
     f"<|reserved_special_token_{3 + i}|>"
     for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))
@@ -251,6 +255,27 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return self._encoding.decode_bytes(ids)
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Llama 3 chat-template ids for `messages` ({"role": system/user/assistant, "content"}),
+        ending with the assistant's header so that generation writes the next reply. Message
+        text is trimmed (as Meta's and the Instruct models' template do) and encoded as plain
+        text: a user who types <|eot_id|> gets those characters, not the token."""
+        special = self._encoding._special_tokens
+        if "<|start_header_id|>" not in special:
+            raise GptrainError(f"the Llama 3 chat template needs Llama 3's header tokens; tokenizer {self.name!r} has none")
+
+        def header(role: str) -> list[int]:
+            return [special["<|start_header_id|>"], *self.encode_ordinary(role), special["<|end_header_id|>"],
+                    *self.encode_ordinary("\n\n")]
+
+        ids = [special["<|begin_of_text|>"]]
+        for message in messages:
+            role = message.get("role")
+            if role not in CHAT_ROLES:
+                raise GptrainError(f"chat message role {role!r}: must be one of {', '.join(CHAT_ROLES)}")
+            ids += header(role) + self.encode_ordinary(message.get("content", "").strip()) + [special["<|eot_id|>"]]
+        return ids + header("assistant")
 
     def with_special_tokens(self, names: Sequence[str]) -> Tokenizer:
         """A new tokenizer with `names` added as special tokens, ids n_vocab, n_vocab + 1, ..."""

@@ -29,8 +29,12 @@ import torch
 
 from conftest import free_port
 from gptrain.chat.config import ChatConfig
+from gptrain.chat.conversation import Conversation
 from gptrain.chat.reply import VerbatimReply
 from gptrain.errors import GptrainError
+from gptrain.models import ModelConfig, Transformer, save_hf_pretrained
+from gptrain.tokenizer import get_tokenizer
+from test_tokenizer import gpt2, llama_model_file  # noqa: F401 (fixtures: GPT-2's ranks as a Llama 3 rank file)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("chainlit")
@@ -312,3 +316,129 @@ def test_chat_config_takes_the_settings_panel_values():
         config.with_settings({"temperature": -1})
     with pytest.raises(GptrainError, match="top_k"):
         config.with_settings({"top_k": "many"})
+
+
+# --- the Llama 3 chat template ------------------------------------------------------------
+
+
+LLAMA3_CONVERSATION = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "  And of <|eot_id|> Italy?\n"},
+]
+
+
+def test_llama3_chat_template_token_ids(llama_model_file):
+    tokenizer = get_tokenizer(str(llama_model_file))  # GPT-2's 50,256 ranks, then Llama 3's 256 special tokens
+    ids = tokenizer.encode_chat(LLAMA3_CONVERSATION)
+    # Meta's format, written out: the same ids as the text with its special tokens read as such.
+    formatted = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer in one word.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nParis.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+    )
+    typed = tokenizer.encode_ordinary("And of <|eot_id|> Italy?")  # what the user typed stays text
+    end = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert ids == tokenizer.encode(formatted) + typed + tokenizer.encode(end)
+    # The special tokens at Llama 3's ids (128000 + k there, 50256 + k here).
+    first = 50256
+    assert ids[:2] == [first, first + 6] and ids.count(first + 9) == 4 and ids.count(first + 7) == 5
+    header = [first + 6, *tokenizer.encode_ordinary("assistant"), first + 7, *tokenizer.encode_ordinary("\n\n")]
+    assert ids[-len(header):] == header  # the model writes the next reply
+    assert tokenizer.special_tokens["<|eot_id|>"] in tokenizer.stop_ids
+    with pytest.raises(GptrainError, match="needs Llama 3's header tokens"):
+        get_tokenizer("gpt2").encode_chat(LLAMA3_CONVERSATION)
+
+
+def chain_model(tokenizer, chain: list[int]) -> Transformer:
+    """A tiny Llama whose greedy next token after chain[i] is chain[i + 1]: its blocks add
+    nothing to the residual stream, so the logits depend on the last token's embedding only
+    (one-hot for the chain's tokens, zero for the rest, whose next token is then id 0)."""
+    config = ModelConfig(family="llama", vocab_size=tokenizer.n_vocab, context_length=256, n_layers=1, n_heads=4,
+                         n_kv_heads=2, d_model=64, d_ff=128)
+    model = Transformer(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0 if "norm" in name else 0.0)
+        for k, (token, next_token) in enumerate(zip(chain, chain[1:])):
+            model.tok_emb.weight[token, k] = 1.0
+            model.lm_head.weight[next_token, k] = 10.0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama_instruct(llama_model_file, tmp_path_factory) -> Path:
+    """A Llama 3 "instruct" model that answers "Hi!" and ends its turn."""
+    tokenizer = get_tokenizer(str(llama_model_file))
+    chain = [*tokenizer.encode("\n\n"), *tokenizer.encode("Hi!"), tokenizer.special_tokens["<|eot_id|>"]]
+    assert len(chain) == 4 and chain[2] == 0  # "!" is token 0: also what any other token leads to
+    folder = tmp_path_factory.mktemp("llama") / "Tiny-Llama-3-Instruct"
+    save_hf_pretrained(chain_model(tokenizer, chain), str(folder))
+    shutil.copyfile(llama_model_file, folder / "tokenizer.model")
+    return folder
+
+
+def test_generate_applies_the_template_to_instruct_weights_and_stops_at_end_of_turn(llama_instruct, capsys):
+    from gptrain.cli import main
+
+    base = llama_instruct.parent / "tiny-llama-base"
+    shutil.copytree(llama_instruct, base)
+    greedy = ["--temperature", "0", "--max-new-tokens", "20"]
+
+    def generated(*args: str) -> str:
+        assert main(["generate", *args, *greedy]) == 0
+        return capsys.readouterr().out
+
+    # Instruct weights (told by their name): the prompt is a user message, the reply ends at <|eot_id|>.
+    assert generated("--weights", str(llama_instruct), "--prompt", "Hello") == "Hi!\n"
+    assert generated("--weights", str(llama_instruct), "--prompt", "Hello", "--system-prompt", "Be kind.") == "Hi!\n"
+    # A base model continues the text (and stops at the end-of-turn token too); asked, it chats.
+    assert generated("--weights", str(base), "--prompt", "Hello") == "Hello!\n"
+    assert generated("--weights", str(base), "--prompt", "Hello", "--chat-template", "llama3") == "Hi!\n"
+    assert generated("--weights", str(llama_instruct), "--prompt", "Hello", "--chat-template", "none") == "Hello!\n"
+    # Or the generation config says so: eos_token_id includes <|eot_id|>.
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [50257, 50265]}))
+    assert generated("--weights", str(base), "--prompt", "Hello", "--no-stream") == "Hi!\n"
+    assert main(["generate", "--weights", str(base), "--prompt", "x", "--chat-template", "none",
+                 "--system-prompt", "Be kind."]) == 2
+    assert "--system-prompt needs a chat template" in capsys.readouterr().err
+
+
+def test_conversation_keeps_history_and_forgets_the_oldest_exchange(llama_model_file):
+    tokenizer = get_tokenizer(str(llama_model_file))
+    chat = Conversation(tokenizer, "llama3", system_prompt="Be brief.")
+    system = {"role": "system", "content": "Be brief."}
+    assert chat.prompt("Hello", room=200) == tokenizer.encode_chat([system, {"role": "user", "content": "Hello"}])
+    chat.add_reply("Hello", "Hi!")
+    second = [system, {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+              {"role": "user", "content": "Again"}]
+    assert chat.prompt("Again", room=200) == tokenizer.encode_chat(second)
+    short = tokenizer.encode_chat([system, {"role": "user", "content": "Again"}])
+    assert chat.prompt("Again", room=len(short)) == short and chat.history == []
+    base = Conversation(tokenizer, None)
+    base.add_reply("Hello", " world")
+    assert base.prompt("Hello", room=0) == tokenizer.encode("Hello") and base.history == []
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_chat_answers_instruct_weights_in_the_template(llama_instruct, browser, tmp_path):
+    log_file = tmp_path / "chat.log"
+    with chat_server(llama_instruct, log_file, "--temperature", "0", "--system-prompt", "Be kind.") as (server, url):
+        wait_until_serving(server, url, log_file)
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(url)
+        about = page.locator(".message-content", has_text="Weights:")
+        sync_api.expect(about).to_contain_text("llama3 chat template", timeout=60_000)
+        footers = page.locator(".message-content span.italic", has_text=re.compile(r"\d+ tokens in"))
+        for turn, message in enumerate(["Hello", "How are you?"], start=1):
+            page.fill("#chat-input", message)
+            page.press("#chat-input", "Enter")
+            sync_api.expect(footers).to_have_count(turn, timeout=60_000)
+            # "Hi" and "!", then the end-of-turn token, which ends the reply (256 were allowed).
+            assert page.locator(REPLY_TEXT).nth(turn - 1).text_content() == "Hi!\n"
+            sync_api.expect(footers.nth(turn - 1)).to_contain_text("2 tokens in")
+        context.close()

@@ -5,6 +5,8 @@ tensor and file, and exported folders load in transformers and back in gptrain."
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 import uuid
 
 import pytest
@@ -365,3 +367,100 @@ def test_export_rejects_what_the_hf_layout_cannot_hold(tmp_path):
                          d_ff=128, bias=False)
     with pytest.raises(GptrainError, match="GPT-2 needs bias=True"):
         save_hf_pretrained(Transformer(config), str(tmp_path / "out"))
+
+
+# --- OpenAI's original GPT-2 TensorFlow checkpoint (the reference book's gpt_download.py) ---
+
+
+def openai_variables(hf: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
+    """GPT-2's weights under the variable names of OpenAI's model.ckpt: conv1d weights
+    (1, in, out), LayerNorm gain g and bias b, the head tied to wte (not stored)."""
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    variables = {"model/wte": sd["wte.weight"], "model/wpe": sd["wpe.weight"],
+                 "model/ln_f/g": sd["ln_f.weight"], "model/ln_f/b": sd["ln_f.bias"]}
+    for i in range(hf.config.n_layer):
+        h, o = f"h.{i}.", f"model/h{i}/"
+        for ln in ("ln_1", "ln_2"):
+            variables[f"{o}{ln}/g"], variables[f"{o}{ln}/b"] = sd[f"{h}{ln}.weight"], sd[f"{h}{ln}.bias"]
+        for conv in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
+            hf_name = h + conv.replace("/", ".")
+            variables[f"{o}{conv}/w"], variables[f"{o}{conv}/b"] = sd[hf_name + ".weight"][None], sd[hf_name + ".bias"]
+    return variables
+
+
+def write_openai_checkpoint(variables: dict[str, torch.Tensor], folder, hparams: dict) -> None:
+    """hparams.json and a TF1 Saver checkpoint (checkpoint, model.ckpt.index/.data/.meta), as OpenAI's."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True)
+    (folder / "hparams.json").write_text(json.dumps(hparams))
+    with tf.Graph().as_default():
+        saved = [tf.compat.v1.Variable(t.numpy(), name=name) for name, t in variables.items()]
+        saver = tf.compat.v1.train.Saver(saved, save_relative_paths=True)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(folder / "model.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def openai_gpt2(tmp_path_factory):
+    """A tiny GPT-2 with GPT-2's vocabulary as OpenAI released theirs, BPE files included."""
+    from gptrain.tokenizer import GPT2_FILE_SHA256, gpt2_source_dir
+
+    hf = tiny_gpt2(seed=11, vocab_size=50257)
+    folder = tmp_path_factory.mktemp("openai") / "tiny"
+    hparams = {"n_vocab": 50257, "n_ctx": 128, "n_embd": 64, "n_head": 4, "n_layer": 2}
+    write_openai_checkpoint(openai_variables(hf), folder, hparams)
+    for name in GPT2_FILE_SHA256:  # encoder.json, vocab.bpe
+        shutil.copyfile(f"{gpt2_source_dir()}/{name}", folder / name)
+    return hf, folder, hparams
+
+
+def test_openai_tf_checkpoint_loads_like_the_hf_layout(openai_gpt2, tmp_path, capsys):
+    from gptrain.checkpoint.checkpointer import load_initial_weights
+    from gptrain.cli import main
+
+    hf, folder, _ = openai_gpt2
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001", "model.ckpt.index",
+        "model.ckpt.meta", "vocab.bpe",
+    ]
+    hf.save_pretrained(tmp_path / "hf")
+    through_hf = load_pretrained(str(tmp_path / "hf"))
+    ours = load_pretrained(str(folder))
+    assert ours.config == through_hf.config and ours.lm_head.weight is ours.tok_emb.weight
+    assert_same_logits(through_hf, ours, is_hf=False)  # 1e-5
+    assert_same_logits(hf, ours)
+
+    # checkpoint.init_from and `gptrain generate --weights` take the folder as well.
+    model = Transformer(ours.config)
+    load_initial_weights(model, str(folder))
+    assert all(torch.equal(t, ours.state_dict()[k]) for k, t in model.state_dict().items())
+    assert main(["generate", "--weights", str(folder), "--prompt", "Every effort moves you",
+                 "--max-new-tokens", "6", "--temperature", "0", "--no-stream"]) == 0
+    from gptrain.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer("gpt2")
+    (expected,) = generate(ours, [tokenizer.encode("Every effort moves you")], SamplingConfig(max_new_tokens=6))
+    assert capsys.readouterr().out == "Every effort moves you" + tokenizer.decode(expected) + "\n"
+
+
+def test_openai_tf_checkpoint_names_a_missing_or_damaged_variable(openai_gpt2, tmp_path, monkeypatch):
+    hf, folder, hparams = openai_gpt2
+    variables = openai_variables(hf)
+    del variables["model/h1/mlp/c_fc/w"]
+    write_openai_checkpoint(variables, tmp_path / "missing", hparams)
+    pattern = r"missing/model\.ckpt: missing tensor\(s\) 'model/h1/mlp/c_fc/w' \(OpenAI GPT-2 TensorFlow layout\)"
+    with pytest.raises(GptrainError, match=pattern):
+        load_pretrained(str(tmp_path / "missing"))
+
+    # The data file cut short: its last bytes belong to model/wte (variables are stored by name).
+    shutil.copytree(folder, tmp_path / "damaged")
+    data = tmp_path / "damaged" / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(GptrainError, match=r"damaged/model\.ckpt: variable 'model/wte' cannot be read"):
+        load_pretrained(str(tmp_path / "damaged"))
+
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # what `import tensorflow` meets when it is absent
+    with pytest.raises(GptrainError, match=r"needs TensorFlow: pip install 'gptrain\[tf\]'"):
+        load_pretrained(str(folder))

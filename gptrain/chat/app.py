@@ -4,8 +4,9 @@ The model loads while Chainlit imports the file, before the server listens, so t
 only once the model is ready. A model that fails to load is reported on the console and in
 every chat instead of stopping the server, so the person at the browser sees why.
 
-A reply continues the text of the user's message (these are base models: no chat template,
-no history), streamed token by token with the KV cache.
+A reply continues the text of the user's message (base models), or answers the conversation
+so far in the Llama 3 chat template (instruct weights; see gptrain/chat/conversation.py),
+streamed token by token with the KV cache.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import chainlit as cl
 from chainlit.input_widget import NumberInput, Slider
 
 from gptrain.chat.config import ChatConfig
+from gptrain.chat.conversation import Conversation
 from gptrain.chat.reply import VerbatimReply
 from gptrain.errors import GptrainError
 from gptrain.models.generation import SamplingConfig, generate_stream
-from gptrain.models.loading import LoadedModel, load_model_and_tokenizer
+from gptrain.models.loading import LoadedModel, check_system_prompt, load_model_and_tokenizer
 from gptrain.models.transformer import Transformer, count_parameters
 from gptrain.tokenizer import StreamingDecoder
 
@@ -42,14 +44,18 @@ def describe(loaded: LoadedModel) -> str:
         f"{config.n_heads} heads, width {config.d_model}, context {config.context_length} tokens, "
         f"tokenizer {loaded.tokenizer.name}.\n\n"
         f"Weights: `{loaded.source.description}`, on {loaded.device} ({dtype}).\n\n"
-        "Replies continue the text you send. Sampling settings are behind the settings button."
+        + ("Replies continue the text you send." if loaded.chat_template is None else
+           f"Replies follow the {loaded.chat_template} chat template and see the conversation so far.")
+        + " Sampling settings are behind the settings button."
     )
 
 
 def load() -> tuple[LoadedModel | None, str]:
     """The model and its description, or None and why it could not be loaded."""
     try:
-        loaded = load_model_and_tokenizer(CONFIG.weights, CONFIG.device, CONFIG.dtype, CONFIG.tokenizer)
+        loaded = load_model_and_tokenizer(CONFIG.weights, CONFIG.device, CONFIG.dtype, CONFIG.tokenizer,
+                                          CONFIG.chat_template)
+        check_system_prompt(loaded, CONFIG.system_prompt)
     except Exception as err:  # whatever went wrong, the chat page must open and say it
         problem = f"cannot load the model from {CONFIG.weights}: {err}"
         log.error(problem)
@@ -80,6 +86,7 @@ async def start_chat() -> None:
         await cl.ErrorMessage(content=ABOUT_MODEL).send()
         return
     cl.user_session.set("config", CONFIG)
+    cl.user_session.set("conversation", Conversation(LOADED.tokenizer, LOADED.chat_template, CONFIG.system_prompt))
     await cl.ChatSettings(settings_widgets(CONFIG, LOADED.model.config.context_length)).send()
     await cl.Message(content=ABOUT_MODEL).send()
 
@@ -106,13 +113,14 @@ async def reply(message: cl.Message) -> None:
         await cl.ErrorMessage(content=ABOUT_MODEL).send()
         return
     config: ChatConfig = cl.user_session.get("config")
+    conversation: Conversation = cl.user_session.get("conversation")
     tokenizer = LOADED.tokenizer
     answer = cl.Message(content="")
     text, decoder, count = VerbatimReply(), StreamingDecoder(tokenizer), 0
     async with GENERATION_LOCK:
         start = time.perf_counter()
         try:
-            prompt = tokenizer.encode(message.content)
+            prompt = conversation.prompt(message.content, room=LOADED.model.config.context_length - config.max_new_tokens)
             async for token in new_tokens(LOADED.model, prompt, config.sampling(tokenizer.stop_ids)):
                 count += 1
                 piece, replaces = text.add(decoder.push(token))
@@ -122,6 +130,7 @@ async def reply(message: cl.Message) -> None:
             return
         seconds = time.perf_counter() - start
     text.add(decoder.flush())
+    conversation.add_reply(message.content, text.text)
     footer = f"*{count} tokens in {seconds:.2f} s · {config.settings_summary()}*"
     shown = text.markdown() if text.text else "*(the model ended the text at once)*"
     answer.content = f"{shown}\n\n{footer}"

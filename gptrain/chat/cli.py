@@ -2,6 +2,7 @@
 
     gptrain chat --weights runs/debug                      # the run's newest committed checkpoint
     gptrain chat --weights exported/gpt2 --temperature 0 --port 8001
+    gptrain chat --weights Llama-3.2-1B-Instruct --system-prompt "Answer briefly."   # chat template
 
 The weights path is checked before anything starts (exit 2 naming the path when there is
 nothing to load). Then `chainlit run app.py` serves the chat in a child process, configured
@@ -49,9 +50,10 @@ README = """\
 
 Serving `{weights}`.
 
-The model continues the text you send: it is a base model, so there is no chat template and
-each message starts afresh. Open the settings button beside the message box to change the
-temperature (0 is greedy decoding), top-k, top-p and the maximum number of new tokens.
+Instruct weights (or `--chat-template llama3`) answer in the Llama 3 chat template and remember
+the conversation; a base model continues the text you send, each message afresh. Open the
+settings button beside the message box to change the temperature (0 is greedy decoding),
+top-k, top-p and the maximum number of new tokens.
 """
 
 
@@ -78,6 +80,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     config = ChatConfig(
         weights=args.weights, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        chat_template=args.chat_template, system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
     )
     source = resolve_weights(config.weights)

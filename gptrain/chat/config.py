@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gptrain.errors import GptrainError
+from gptrain.models.loading import CHAT_TEMPLATES
 from gptrain.models.sampling import SamplingConfig
 
 CONFIG_ENV = "GPTRAIN_CHAT_CONFIG"
@@ -26,6 +27,8 @@ class ChatConfig:
     tokenizer: str | None = None  # None: the tokenizer stored with the weights
     device: str = "auto"
     dtype: str | None = None  # None keeps the stored dtype
+    chat_template: str = "auto"  # see gptrain.models.loading.resolve_chat_template
+    system_prompt: str | None = None  # the system message, with a chat template
     # Initial chat settings.
     max_new_tokens: int = 256
     temperature: float = 0.8
@@ -34,6 +37,8 @@ class ChatConfig:
 
     def __post_init__(self) -> None:
         self.sampling()  # SamplingConfig checks the values
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise GptrainError(f"chat template {self.chat_template!r}: must be one of {', '.join(CHAT_TEMPLATES)}")
 
     def sampling(self, stop_ids: tuple[int, ...] = ()) -> SamplingConfig:
         return SamplingConfig(

@@ -13,6 +13,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokenizer name or tokenizer.model path (default: from the weights)")
     p.add_argument("--device", default="auto", help="default: CUDA, then Apple MPS, then the CPU")
     p.add_argument("--dtype", default=None, help="cast weights (fp32, bf16, fp16); default keeps the stored dtype")
+    from gptrain.models.loading import CHAT_TEMPLATES
+
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="auto",
+                   help="llama3: prompts are user messages in Llama 3's chat format, replies end at "
+                   "<|eot_id|>; auto (default): llama3 for instruct weights (named *Instruct*, or whose "
+                   "eos_token_id is <|eot_id|>), else plain text continuation (none)")
+    p.add_argument("--system-prompt", default=None, help="the system message, with a chat template")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -28,7 +35,9 @@ def register(subparsers) -> None:
         "generate",
         help="generate text from a weights folder or a gptrain run",
         description="Generate text with a KV cache. WEIGHTS is an HF-layout folder (GPT-2 or Llama), "
-        "a reference-book .pth state dict, Meta's original Llama layout, or a gptrain run directory.",
+        "OpenAI's GPT-2 TensorFlow checkpoint folder (needs gptrain[tf]), a reference-book .pth state dict, "
+        "Meta's original Llama layout, or a gptrain run directory. A base model continues each prompt; "
+        "with a chat template, each prompt is a user message and the reply is printed.",
     )
     add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True,
@@ -42,25 +51,33 @@ def register(subparsers) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from gptrain.models.generation import SamplingConfig, generate, generate_stream
-    from gptrain.models.loading import load_model_and_tokenizer
+    from gptrain.models.loading import check_system_prompt, load_model_and_tokenizer
     from gptrain.tokenizer import StreamingDecoder
 
-    loaded = load_model_and_tokenizer(args.weights, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    loaded = load_model_and_tokenizer(args.weights, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
+                                      chat_template=args.chat_template)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop_ids=tuple(tokenizer.stop_ids), use_cache=not args.no_cache,
     )
-    prompts = [tokenizer.encode(text) for text in args.prompt]
+    check_system_prompt(loaded, args.system_prompt)
+    if loaded.chat_template is None:
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+        shown = args.prompt  # a continuation is printed after its prompt; a chat reply alone
+    else:
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt is not None else []
+        prompts = [tokenizer.encode_chat([*system, {"role": "user", "content": text}]) for text in args.prompt]
+        shown = [""] * len(prompts)
     if len(prompts) == 1 and not args.no_stream:
         decoder = StreamingDecoder(tokenizer)
-        sys.stdout.write(args.prompt[0])
+        sys.stdout.write(shown[0])
         for step in generate_stream(model, prompts, config):
             if step[0] is not None:
                 sys.stdout.write(decoder.push(step[0]))
                 sys.stdout.flush()
         sys.stdout.write(decoder.flush() + "\n")
         return 0
-    for text, new_tokens in zip(args.prompt, generate(model, prompts, config)):
+    for text, new_tokens in zip(shown, generate(model, prompts, config)):
         print(text + tokenizer.decode(new_tokens))
     return 0

@@ -6,13 +6,14 @@ that fill it, stacked along rows. Fused projections are several parts (q, k, v; 
 the vocabulary padding is the rows left after the last part. The same plan, read the other
 way, splits our tensors back into a checkpoint (export).
 
-Layouts: Hugging Face GPT-2 and Llama, the PyTorch state dict of Raschka's "Build a Large
-Language Model (From Scratch)", and Meta's original Llama release (params.json +
-consolidated.NN.pth).
+Layouts: Hugging Face GPT-2 and Llama, OpenAI's original GPT-2 TensorFlow checkpoint
+(hparams.json + model.ckpt.*), the PyTorch state dict of Raschka's "Build a Large Language
+Model (From Scratch)", and Meta's original Llama release (params.json + consolidated.NN.pth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -142,6 +143,47 @@ def hf_gpt2_config_dict(config: ModelConfig) -> dict:
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
     }
+
+
+# --- OpenAI's original GPT-2 release: hparams.json + TensorFlow model.ckpt.* ---------------
+# (what the reference book's gpt_download.py fetches). The variables are GPT-2's, named
+# model/wte, model/h0/attn/c_attn/w, ...; conv1d weights are stored (1, in, out), read as (in, out).
+
+
+def openai_gpt2_config(hparams: dict, file: str) -> ModelConfig:
+    d_model = _require(hparams, "n_embd", file)
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=_require(hparams, "n_vocab", file),
+        context_length=_require(hparams, "n_ctx", file),
+        n_layers=_require(hparams, "n_layer", file),
+        n_heads=_require(hparams, "n_head", file),
+        d_model=d_model,
+        d_ff=4 * d_model,
+        qkv_bias=True,
+        bias=True,
+        tie_embeddings=True,  # the output head is wte (OpenAI's model.py: logits = h @ wte^T)
+        norm_eps=1e-5,
+    )
+
+
+def openai_gpt2_layout(config: ModelConfig) -> Layout:
+    """Hugging Face GPT-2's plan under OpenAI's variable names (the same tensors, same shapes)."""
+    plan = {
+        dest: tuple(dataclasses.replace(part, name=_openai_name(part.name)) for part in parts)
+        for dest, parts in hf_gpt2_layout(config, prefix="").plan.items()
+    }
+    return Layout("OpenAI GPT-2 TensorFlow", config, plan)
+
+
+def _openai_name(hf_name: str) -> str:
+    """h.0.attn.c_attn.weight -> model/h0/attn/c_attn/w, h.0.ln_1.weight -> model/h0/ln_1/g
+    (LayerNorm gain), ....bias -> .../b, wte.weight -> model/wte."""
+    *path, kind = re.sub(r"^h\.(\d+)\.", r"h\1.", hf_name).split(".")
+    if path[-1] in ("wte", "wpe"):
+        return f"model/{path[-1]}"
+    leaf = "b" if kind == "bias" else ("g" if path[-1].startswith("ln_") else "w")
+    return "/".join(["model", *path, leaf])
 
 
 # --- Hugging Face Llama (LlamaForCausalLM) -------------------------------------------------

@@ -9,7 +9,9 @@ Why each safetensors tensor gets its own short-lived mapping: pages of a memory-
 count in the resident set once read, so copying out of one mapping kept open for the whole
 load holds both copies at the end. A mapping per tensor is unmapped as soon as its tensor
 is copied. A .pth is read without mmap for the same reason: `torch.load` then allocates
-each tensor separately, and popping a tensor once copied frees it.
+each tensor separately, and popping a tensor once copied frees it. OpenAI's TensorFlow
+checkpoint is read by TensorFlow's own reader (the optional `tf` extra), one variable per
+call into a fresh array that is dropped once copied.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ from gptrain.models.layouts import (
     hf_llama_layout,
     meta_config,
     meta_layout,
+    openai_gpt2_config,
+    openai_gpt2_layout,
 )
 from gptrain.models.transformer import Transformer
 
+OPENAI_HPARAMS_FILE = "hparams.json"
 LAYOUTS_LOOKED_FOR = (
     "config.json (model_type gpt2 or llama) with model.safetensors or model.safetensors.index.json",
+    "hparams.json with a TensorFlow model.ckpt (OpenAI's GPT-2 release)",
     "params.json with consolidated.NN.pth (Meta's Llama release)",
     "one .pth/.pt state dict of the reference book's GPTModel",
 )
@@ -154,6 +160,9 @@ def _open(path: str, preset: str | None) -> tuple[Layout, Checkpoint]:
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     meta_shards = glob.glob(os.path.join(folder, "consolidated.*.pth"))
     is_meta = bool(meta_shards) and os.path.exists(os.path.join(folder, "params.json"))
+    is_openai = os.path.exists(os.path.join(folder, OPENAI_HPARAMS_FILE)) and bool(_tf_checkpoint_indexes(folder))
+    if is_openai and (os.path.isdir(path) or ".ckpt" in os.path.basename(path)):
+        return _open_openai(folder)
     if os.path.isdir(path):
         if is_meta:
             return _open_meta(folder, meta_shards)
@@ -203,6 +212,12 @@ def _open_meta(folder: str, shard_files: list[str]) -> tuple[Layout, Checkpoint]
     return meta_layout(config), checkpoint
 
 
+def _open_openai(folder: str) -> tuple[Layout, Checkpoint]:
+    hparams_file = os.path.join(folder, OPENAI_HPARAMS_FILE)
+    config = openai_gpt2_config(_read_json(hparams_file), hparams_file)
+    return openai_gpt2_layout(config), _tf_checkpoint(folder)
+
+
 def _open_book(file: str, preset: str | None) -> tuple[Layout, Checkpoint]:
     state = _read_state_dict(file)
     if BOOK_MARKER not in state:
@@ -239,6 +254,51 @@ def _safetensors_checkpoint(files: list[str], description: str) -> Checkpoint:
             return f.get_tensor(name)
 
     return Checkpoint(description, shapes, where, take)
+
+
+def _tf_checkpoint_indexes(folder: str) -> list[str]:
+    return glob.glob(os.path.join(folder, "*.ckpt*.index"))
+
+
+def _tf_checkpoint(folder: str) -> Checkpoint:
+    """A TensorFlow checkpoint read by TensorFlow's own reader, one variable at a time."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter on stderr
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise GptrainError(
+            f"{folder}: reading a TensorFlow checkpoint needs TensorFlow: pip install 'gptrain[tf]'"
+        ) from err
+    prefixes = sorted(index.removesuffix(".index") for index in _tf_checkpoint_indexes(folder))
+    if len(prefixes) > 1:
+        # The `checkpoint` file names the newest; by base name only, since TF may have written
+        # an absolute path, which names the folder the checkpoint was saved in, not this one.
+        state = tf.train.get_checkpoint_state(folder)
+        newest = os.path.join(folder, os.path.basename(state.model_checkpoint_path)) if state else None
+        if newest not in prefixes:
+            raise GptrainError(f"{folder}: several TensorFlow checkpoints and no `checkpoint` file naming one of them")
+        prefixes = [newest]
+    prefix = prefixes[0]
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        stored = reader.get_variable_to_shape_map()
+    except Exception as err:  # TensorFlow raises its own OpError kinds (DataLoss, NotFound, ...)
+        raise GptrainError(f"{prefix}: not a readable TensorFlow checkpoint ({err})") from err
+
+    def unbatched(shape: list[int]) -> tuple[int, ...]:
+        # OpenAI's conv1d weights carry a leading 1: (1, in, out).
+        return tuple(shape[1:]) if len(shape) == 3 and shape[0] == 1 else tuple(shape)
+
+    shapes = {name: unbatched(shape) for name, shape in stored.items()}
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            array = reader.get_tensor(name)
+        except Exception as err:  # a cut-short file: IndexError; a bad checksum: DataLossError
+            raise GptrainError(f"{prefix}: variable {name!r} cannot be read ({err})") from err
+        return torch.from_numpy(array.reshape(shapes[name]))
+
+    return Checkpoint(prefix, shapes, dict.fromkeys(shapes, prefix), take)
 
 
 def _meta_checkpoint(files: list[str]) -> Checkpoint:

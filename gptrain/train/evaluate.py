@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from gptrain.config import EvalConfig
 from gptrain.data.loader import TokenDataset, eval_batches
 from gptrain.distributed import DistEnv, all_reduce_sum
 from gptrain.models.generation import SamplingConfig, generate
@@ -44,14 +45,17 @@ def validation_loss(
     return (totals[0] / totals[1]).item()
 
 
-def sample_text(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-    """The prompt and its continuation, generated in full precision; stops at `<|endoftext|>`."""
+def sample_text(model: Transformer, tokenizer, eval_config: EvalConfig, seed: int) -> str:
+    """eval.sample_prompt and its continuation, generated in full precision with the
+    configured temperature and top-k (its own seeded generator: the training RNG streams are
+    left alone); stops at `<|endoftext|>`."""
     was_training = model.training
     model.eval()
     config = SamplingConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop_ids=(tokenizer.eot_id,)
+        max_new_tokens=eval_config.sample_max_new_tokens, temperature=eval_config.sample_temperature,
+        top_k=eval_config.sample_top_k, seed=seed, stop_ids=(tokenizer.eot_id,),
     )
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode(eval_config.sample_prompt)
     (new_ids,) = generate(model, [prompt_ids], config)
     model.train(was_training)
     return tokenizer.decode(prompt_ids + new_ids)

@@ -4,7 +4,8 @@ Only rank 0 creates a `MetricsLogger` that writes; the other ranks get one with
 `enabled=False`, which drops everything, so the trainer calls it unconditionally.
 
 metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", ...} every
-`train.log_every` steps and {"kind": "eval", "step", "val_loss", ...} at each evaluation.
+`train.log_every` steps, {"kind": "eval", "step", "val_loss", ...} at each evaluation, and
+{"kind": "end", "status": "finished" or "preempted", ...} when the process ends its run.
 On a local run directory each record is appended and flushed as it is logged; object stores
 cannot append, so there the whole file is rewritten at `flush()` (each evaluation and the end).
 
@@ -73,7 +74,7 @@ class MetricsLogger:
             fs, path = storage.filesystem(self.metrics_url)
             with fs.open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if self._wandb_run is not None:
+        if self._wandb_run is not None and record["kind"] != "end":  # W&B keeps the end in its summary
             prefix = "train" if record["kind"] == "train" else "eval"
             values = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("kind", "step") and v is not None}
             self._wandb_run.log(values, step=record["step"])
@@ -99,6 +100,8 @@ class MetricsLogger:
 
 def format_record(record: dict[str, Any]) -> str:
     """A console line for a metrics record."""
+    if record["kind"] == "end":
+        return f"run {record['status']} at step {record['step']}"
     if record["kind"] == "eval":
         line = f"eval step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
         if record.get("sample") is not None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptrain import storage
 from gptrain.checkpoint.checkpointer import Checkpointer
 from gptrain.checkpoint.preemption import Preemption, PreemptionHandler, requeue_slurm_job, should_requeue
 from gptrain.config import RunConfig, lr_at
@@ -38,7 +39,7 @@ from gptrain.errors import GptrainError
 from gptrain.models.config import ModelConfig
 from gptrain.models.transformer import Transformer, count_parameters
 from gptrain.train.evaluate import sample_text, validation_loss
-from gptrain.train.logger import MetricsLogger, perplexity
+from gptrain.train.logger import PLOT_FILE, MetricsLogger, perplexity
 from gptrain.train.metrics import memory_kind, mfu, peak_flops, peak_memory_gib
 from gptrain.train.optim import build_optimizer, set_learning_rate
 
@@ -183,7 +184,7 @@ class Trainer:
         )
         if should_requeue(preemption, self.config.checkpoint.requeue):
             requeue_slurm_job()
-        return {**self.finish(elapsed_s), "preempted": True}
+        return self.finish(elapsed_s, preempted=True)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step at the scheduled learning rate; returns (loss, gradient norm, lr)."""
@@ -249,10 +250,7 @@ class Trainer:
                 from gptrain.tokenizer import tokenizer_from_spec
 
                 self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
-            sample = sample_text(
-                state.model, self.tokenizer, cfg.sample_prompt, cfg.sample_max_new_tokens,
-                cfg.sample_temperature, seed=self.config.train.seed,
-            )
+            sample = sample_text(state.model, self.tokenizer, cfg, seed=self.config.train.seed)
         record = {
             "kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen,
             "val_loss": val_loss, "val_ppl": perplexity(val_loss), "sample": sample,
@@ -283,31 +281,41 @@ class Trainer:
         )
         info(f"{self.peak.describe()}; memory = {memory_kind(self.device)}")
 
-    def finish(self, elapsed_s: float) -> dict[str, Any]:
-        state = self.state
+    def finish(self, elapsed_s: float, preempted: bool = False) -> dict[str, Any]:
+        state, run_dir = self.state, self.config.train.run_dir
         last_train = next((r for r in reversed(self.logger.records) if r["kind"] == "train"), None)
+        first, last = (self.evals[0], self.evals[-1]) if self.evals else ({}, {})
         summary = {
             "steps": state.step,
             "tokens_seen": state.tokens_seen,
             "train_seconds": elapsed_s,
             "train_loss": last_train["loss"] if last_train else None,
-            "first_val_loss": self.evals[0]["val_loss"] if self.evals else None,
-            "val_loss": self.evals[-1]["val_loss"] if self.evals else None,
-            "val_ppl": self.evals[-1]["val_ppl"] if self.evals else None,
-            "sample": self.evals[-1]["sample"] if self.evals else None,
-            "run_dir": self.config.train.run_dir,
+            "first_val_loss": first.get("val_loss"),
+            "first_val_ppl": first.get("val_ppl"),
+            "val_loss": last.get("val_loss"),
+            "val_ppl": last.get("val_ppl"),
+            "sample": last.get("sample"),
+            "run_dir": run_dir,
+            "preempted": preempted,
         }
+        # The last metrics record says how the run ended: `gptrain status` tells a finished or
+        # preempted run from one that was killed or hangs (which ends without this record).
+        self.logger.log({
+            "kind": "end", "step": state.step, "tokens_seen": state.tokens_seen, "time": time.time(),
+            "status": "preempted" if preempted else "finished", "wandb_run_id": self.logger.wandb_run_id,
+        })
         self.logger.finish(summary)
         info = self.logger.info
         info(f"done: {state.step:,} steps, {state.tokens_seen:,} tokens in {elapsed_s:,.1f} s")
-        if self.evals:
-            info(
-                f"validation loss {summary['first_val_loss']:.4f} (step {self.evals[0]['step']}) -> "
-                f"{summary['val_loss']:.4f} (step {self.evals[-1]['step']}), perplexity {summary['val_ppl']:.2f}"
-            )
         if summary["sample"] is not None:
             info(f"sample: {summary['sample']!r}")
         logging_cfg = self.config.logging
         files = ["config.yaml"] + ["metrics.jsonl"] * logging_cfg.jsonl + ["loss.png"] * logging_cfg.plot
-        info(f"wrote {', '.join(files)} in {self.config.train.run_dir}")
+        info(f"wrote {', '.join(files)} in {run_dir}")
+        if self.evals:  # what was learned, in one line, last
+            plot = f"loss curve in {storage.join(run_dir, PLOT_FILE)}" if logging_cfg.plot else "no plot (logging.plot)"
+            info(
+                f"learned: validation loss {first['val_loss']:.3f} -> {last['val_loss']:.3f}, perplexity "
+                f"{first['val_ppl']:,.1f} -> {last['val_ppl']:,.1f} (steps {first['step']} -> {last['step']}); {plot}"
+            )
         return summary
