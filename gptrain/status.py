@@ -269,8 +269,8 @@ def sweep_status(sweep_dir: str, stalled_after_s: float | None = None) -> dict[s
                  "trial_status": record["status"] if record else "not started"}
         try:
             entry |= run_status(url, stalled_after_s, now).to_json()
-        except GptrainError:  # not started: no run directory yet
-            entry |= RunStatus(run_dir=url, state="not started").to_json()
+        except GptrainError:  # no run files yet: never started, or its process is starting up
+            entry |= RunStatus(run_dir=url, state="starting" if record else "not started").to_json()
         if entry["trial_status"] == "failed":
             entry["state"] = "failed"  # the trial record knows it ended with an error
         trials.append(entry)

@@ -151,20 +151,11 @@ def hf_gpt2_config_dict(config: ModelConfig) -> dict:
 
 
 def openai_gpt2_config(hparams: dict, file: str) -> ModelConfig:
-    d_model = _require(hparams, "n_embd", file)
-    return ModelConfig(
-        family="gpt2",
-        vocab_size=_require(hparams, "n_vocab", file),
-        context_length=_require(hparams, "n_ctx", file),
-        n_layers=_require(hparams, "n_layer", file),
-        n_heads=_require(hparams, "n_head", file),
-        d_model=d_model,
-        d_ff=4 * d_model,
-        qkv_bias=True,
-        bias=True,
-        tie_embeddings=True,  # the output head is wte (OpenAI's model.py: logits = h @ wte^T)
-        norm_eps=1e-5,
-    )
+    """hparams.json read as the Hugging Face config it corresponds to (same model, other names;
+    the head is wte, tied, as in OpenAI's model.py)."""
+    renamed = {"vocab_size": "n_vocab", "n_positions": "n_ctx", "n_embd": "n_embd", "n_layer": "n_layer",
+               "n_head": "n_head"}
+    return hf_gpt2_config({hf: _require(hparams, theirs, file) for hf, theirs in renamed.items()}, file)
 
 
 def openai_gpt2_layout(config: ModelConfig) -> Layout:
