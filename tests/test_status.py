@@ -1,4 +1,4 @@
-"""`gptrain status` on real runs, read by a separate process as a person would run it:
+"""`gptrain status` on real runs (written by other processes, read by this one):
 
 * a run in progress (another process training, with an offline W&B run), then the same run
   killed with SIGKILL in the middle of a checkpoint save;
@@ -24,6 +24,7 @@ import pytest
 
 from checkpoint_fixtures import TINY_MODEL, prepare_dataset
 from conftest import clean_env, stop_session
+from gptrain.cli import main
 from gptrain.status import sparkline
 
 RESUME_WORKER = Path(__file__).with_name("test_resume.py")
@@ -40,16 +41,16 @@ def gptrain(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           env=clean_env(WANDB_MODE="offline", WANDB_SILENT="true"), cwd=cwd)
 
 
-def status_json(target: str, *options: str) -> dict:
-    result = gptrain("status", target, "--json", *options)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+@pytest.fixture
+def status(capsys):
+    """`gptrain status TARGET [OPTIONS]` in this process: its output, parsed with --json."""
 
+    def run(target: str, *options: str) -> dict | str:
+        assert main(["status", target, *options]) == 0
+        out = capsys.readouterr().out
+        return json.loads(out) if "--json" in options else out
 
-def status_text(target: str, *options: str) -> str:
-    result = gptrain("status", target, *options)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run
 
 
 def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
@@ -67,7 +68,7 @@ def train_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_status_of_a_run_in_progress_and_after_a_kill_in_the_middle_of_a_save(tmp_path, dataset):
+def test_status_of_a_run_in_progress_and_after_a_kill_in_the_middle_of_a_save(tmp_path, dataset, status):
     run_dir = tmp_path / "run"
     config = tmp_path / "config.json"  # JSON is YAML
     config.write_text(json.dumps({
@@ -89,8 +90,8 @@ def test_status_of_a_run_in_progress_and_after_a_kill_in_the_middle_of_a_save(tm
     try:
         wait_for(lambda: (step_3 / "commit.json").exists() and max(train_steps(run_dir), default=0) >= 4,
                  proc, "step 3 committed and step 4 logged")
-        running = status_json(str(run_dir))
-        text = status_text(str(run_dir))
+        running = status(str(run_dir), "--json")
+        text = status(str(run_dir))
         wait_for(lambda: any(step_6.glob("*.distcp")), proc, "step 6's shard")
         proc.send_signal(signal.SIGKILL)  # the process alone: its save of step 6 never commits
         proc.wait(timeout=30)
@@ -111,18 +112,18 @@ def test_status_of_a_run_in_progress_and_after_a_kill_in_the_middle_of_a_save(tm
 
     # Killed in the middle of the save of step 6: once nothing new arrives, the run is stalled,
     # step 6 is uncommitted (its shard is there) and step 3 is what a rerun resumes from.
-    killed = status_json(str(run_dir), "--stalled-after", "0")
+    killed = status(str(run_dir), "--json", "--stalled-after", "0")
     assert killed["state"] == "stalled" and killed["eta_s"] is None
     by_step = {c["step"]: c for c in killed["checkpoints"]}
     assert not by_step[6]["committed"] and by_step[6]["size_bytes"] > 0
     assert by_step[3]["committed"] and by_step[3]["usable"] and killed["newest_usable_step"] == 3
-    text = status_text(str(run_dir), "--stalled-after", "0")
+    text = status(str(run_dir), "--stalled-after", "0")
     assert f"{run_dir}: stalled, step {killed['step']}/{STEPS}" in text and "killed or hung?" in text
     assert "step-6" in text and "uncommitted" in text
 
 
 @pytest.mark.slow
-def test_status_of_a_sweep_folder_and_a_finished_run_on_s3(tmp_path, dataset, s3_bucket):
+def test_status_of_a_sweep_folder_and_a_finished_run_on_s3(tmp_path, dataset, s3_bucket, status):
     sweep_dir = f"{s3_bucket}/sweeps/debug-4"
     # The shipped 4-trial debug sweep on the tiny model; trial 0 trains (W&B offline writes into
     # this test's folder: an s3:// run directory has no local folder for it).
@@ -132,26 +133,26 @@ def test_status_of_a_sweep_folder_and_a_finished_run_on_s3(tmp_path, dataset, s3
                       "logging.wandb=true", "logging.wandb_project=gptrain-test", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
 
-    sweep = status_json(sweep_dir)
+    sweep = status(sweep_dir, "--json")
     assert sweep["sweep_dir"] == sweep_dir and sweep["name"] == "debug-4"
     states = [(t["index"], t["trial_status"], t["state"]) for t in sweep["trials"]]
     assert states == [(0, "done", "finished"), (1, "not started", "not started"),
                       (2, "not started", "not started"), (3, "not started", "not started")]
-    text = status_text(sweep_dir)
+    text = status(sweep_dir)
     lines = text.splitlines()
     assert lines[0] == f"{sweep_dir}: sweep 'debug-4', 4 trials (1 finished, 3 not started)"
     assert len(lines) == 5 and "finished" in lines[1] and "step 6/6 (100%)" in lines[1] and "ckpt step-6" in lines[1]
 
     # The finished trial's run directory on its own.
     trial_dir = sweep["trials"][0]["run_dir"]
-    finished = status_json(trial_dir)
+    finished = status(trial_dir, "--json")
     assert trial_dir.startswith(f"{sweep_dir}/trials/0-")
     assert finished["state"] == "finished" and finished["step"] == finished["total_steps"] == 6
     assert finished["eta_s"] is None and finished["val_step"] == 6
     assert [(c["step"], c["committed"], c["usable"]) for c in finished["checkpoints"]] == [(6, True, True), (3, True, False)]
     assert all(c["size_bytes"] > 0 for c in finished["checkpoints"])
     (wandb_folder,) = (tmp_path / "wandb").glob(f"offline-run-*-{finished['wandb_run_id']}")
-    text = status_text(trial_dir)
+    text = status(trial_dir)
     assert f"{trial_dir}: finished, step 6/6 (100%)" in text and finished["wandb_run_id"] in text
     assert "ETA" not in text and "newest usable" in text
 
