@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CONSTRAINTS := constraints/cpu.txt
+CONSTRAINTS := constraints/torch.txt
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 

@@ -1,5 +1,8 @@
 """The `gptrain` console script: one subcommand per concern.
 
+Every command exits by the contract in gptrain.errors: 0 done, 2 bad input (GptrainError,
+a missing file, argparse's usage errors), 75 preempted, anything else a crash.
+
 Each command module exposes `register(subparsers)`, which adds its parser and sets
 `func` to a callable taking the parsed arguments and returning an exit status. Modules
 are imported only when listed here, so `gptrain --help` stays fast.
@@ -18,6 +21,7 @@ from gptrain.errors import EXIT_BAD_INPUT, EXIT_CRASH, GptrainError, StorageErro
 COMMAND_MODULES = [
     "gptrain.data.cli",
     "gptrain.train.cli",
+    "gptrain.launch",
     "gptrain.status",
     "gptrain.sweep.cli",
     "gptrain.checkpoint.export",
@@ -54,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        if getattr(args, "trains", False):  # set by the commands that train (gptrain.checkpoint.preemption)
+            from gptrain.checkpoint.preemption import preemption_signals_recorded
+
+            # The console script (no argv) exits next; a caller in Python gets its handlers back.
+            with preemption_signals_recorded(restore=argv is not None):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -213,9 +213,6 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto: the newest checkpoint in run_dir if any; none: start fresh; else a checkpoint URL
     init_from: str | None = None  # model weights folder to start from (fresh optimizer, step 0)
-    # After a preemption save under Slurm, `scontrol requeue` the job? auto: for SIGUSR1/SIGUSR2
-    # (the time-limit warning), not for SIGTERM (scancel); see gptrain/checkpoint/preemption.py.
-    requeue: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _non_negative("checkpoint.every", self.every, " (0: only at the end)")
@@ -229,6 +226,23 @@ class CheckpointConfig:
             )
         _require(self.resume != "", "checkpoint.resume", self.resume, "must be 'auto', 'none' or a checkpoint URL")
         _require(self.init_from != "", "checkpoint.init_from", self.init_from, "must be a folder or URL, or null")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """How long the ranks of a multi-process run wait for each other before failing rather
+    than hanging (gptrain.distributed): a rank that never arrives, or one that hangs alive."""
+
+    # Joining: rank 0's host name resolving and every rank connecting to rank 0's store. Pods
+    # and nodes start minutes apart when some still pull the image.
+    init_timeout_s: float = 900.0
+    # Any collective once joined (gradient all-reduce, checkpoint barriers): longer than the
+    # slowest rank's checkpoint write or first shard download, short enough not to idle a gang.
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _positive("comm.init_timeout_s", self.init_timeout_s)
+        _positive("comm.timeout_s", self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -254,6 +268,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self) -> None:
         for key in ("initial_lr", "min_lr"):
@@ -306,8 +321,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**{key: _convert(value, hints[key], _join(prefix, key)) for key, value in data.items()})
 
 
+# Keys that existed once: naming one gets this explanation rather than "unknown key".
+RETIRED_KEYS = {
+    "checkpoint.requeue": "requeueing moved out of gptrain: on exit status 75 the Slurm batch scripts "
+    "requeue the job (at most GPTRAIN_MAX_REQUEUES times), submitit jobs are requeued by submitit "
+    "and Kubernetes restarts the pods; remove the key",
+}
+
+
 def _check_key(cls: type, key: str, prefix: str) -> None:
     valid = [f.name for f in dataclasses.fields(cls)]
+    if _join(prefix, key) in RETIRED_KEYS:
+        raise GptrainError(f"'{_join(prefix, key)}' was removed: {RETIRED_KEYS[_join(prefix, key)]}")
     if key not in valid:
         if prefix:
             raise GptrainError(f"unknown key '{prefix}.{key}'; valid keys in {prefix}: {', '.join(valid)}")

@@ -3,13 +3,13 @@
 The one source of truth for rank and world detection. Three launchers are understood, in
 this order of precedence:
 
-1. torchrun (or anything exporting the same `RANK`/`WORLD_SIZE`/... variables, such as
-   submitit's TorchDistributedEnvironment). Checked first because torchrun started inside a
-   Slurm step or a Kubernetes pod still sees that launcher's variables.
-2. Slurm tasks started by `srun` (no torchrun): one process per task. Only inside a job step
+1. `RANK`/`WORLD_SIZE`/... variables, as `gptrain launch` (gptrain.launch), torchrun and
+   submitit's TorchDistributedEnvironment export them ("torchrun" below). Checked first because
+   a launcher started inside a Slurm step or a Kubernetes pod still sees that one's variables.
+2. Slurm tasks started by `srun` (no launcher): one process per task. Only inside a job step
    (`SLURM_STEP_ID` set): the batch script itself carries SLURM_NTASKS and SLURM_PROCID=0
    too, but it is a single process, and treating it as rank 0 of N would hang forever.
-3. Kubernetes Indexed Jobs (no torchrun): one process per pod, rank = JOB_COMPLETION_INDEX,
+3. Kubernetes Indexed Jobs (no launcher): one process per pod, rank = JOB_COMPLETION_INDEX,
    world size from GPTRAIN_WORLD_SIZE (Kubernetes does not inject `completions`), rank 0
    reached at GPTRAIN_MASTER_ADDR (the headless-service name of the index-0 pod). An Indexed
    Job without GPTRAIN_WORLD_SIZE is a job array (see gptrain.array_task), not a training.
@@ -20,16 +20,22 @@ Otherwise the process runs alone. The collectives below are no-ops until
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from gptrain.errors import GptrainError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("gptrain.distributed")
 
 DEFAULT_MASTER_PORT = 29500
 # Slurm jobs without MASTER_PORT get 10000 + job id mod 20000: unprivileged, below Linux's
@@ -264,9 +270,15 @@ def expand_tasks_per_node(value: str, variable: str = "SLURM_TASKS_PER_NODE") ->
 _current: DistEnv | None = None  # set by init_distributed, cleared by destroy_distributed
 
 
-def init_distributed(device_type: str) -> DistEnv:
+def init_distributed(device_type: str, *, init_timeout_s: float, timeout_s: float) -> DistEnv:
     """Join the process group of this run (gloo on CPU, NCCL on CUDA) when there is more than
-    one process; on CUDA also select this process's GPU. Returns the detected environment."""
+    one process; on CUDA also select this process's GPU. Returns the detected environment.
+
+    A rank that cannot join within `init_timeout_s` (rank 0's name never resolves, some rank
+    never starts) and, once joined, any collective that takes longer than `timeout_s` (a rank
+    lost or hung) raise instead of waiting forever: the process crashes, the launcher stops
+    the other ranks and the scheduler restarts the run from its newest checkpoint.
+    """
     global _current
     import torch
     import torch.distributed as dist
@@ -278,20 +290,60 @@ def init_distributed(device_type: str) -> DistEnv:
     if device_type == "cuda":
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
+        # A collective that times out leaves NCCL's flight recorder (the last collectives of
+        # every rank) in TORCH_FR_DUMP_TEMP_FILE<rank> (default /tmp/nccl_trace_rank_<rank>),
+        # to find the rank that stopped calling them. Read when the NCCL group is created.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     if env.world_size > 1 and not dist.is_initialized():
-        # torch's env:// rendezvous and libraries running inside the trainer (distributed
-        # checkpointing) read these, whichever launcher started us.
+        # Node 0 hosts rank 0's store (the rank decides, not a host-name match), so its
+        # processes reach it over loopback and never wait for their own DNS name (a Kubernetes
+        # pod's name under its headless Service appears some time after the pod starts).
+        # Other nodes wait for rank 0's name, within the joining timeout.
+        master_addr = "127.0.0.1" if env.node_rank == 0 else env.master_addr
+        if env.node_rank != 0:
+            _wait_for_name(master_addr, time.monotonic() + init_timeout_s)
+        # torch's env:// rendezvous, and libraries running inside the trainer (distributed
+        # checkpointing), read these whichever launcher started us.
         os.environ.update(
-            MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
+            MASTER_ADDR=master_addr, MASTER_PORT=str(env.master_port), RANK=str(env.rank),
             WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
             LOCAL_WORLD_SIZE=str(env.local_world_size),
         )
-        dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo",
-            rank=env.rank, world_size=env.world_size, device_id=device,
-        )
+        # Joining (connecting to rank 0's store, which waits for every rank, and creating the
+        # communicators) runs under the init timeout, every collective after it under the other.
+        try:
+            dist.init_process_group(
+                backend="nccl" if device_type == "cuda" else "gloo", init_method="env://",
+                rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=init_timeout_s),
+                device_id=device,
+            )
+        except RuntimeError as err:  # torch's DistNetworkError/DistStoreError: a timeout, a refusal
+            raise RuntimeError(
+                f"rank {env.rank} of {env.world_size} could not join the process group at "
+                f"{master_addr}:{env.master_port} within comm.init_timeout_s={init_timeout_s:g}: "
+                f"{str(err).splitlines()[0]}"
+            ) from err
+        # torch has no public call to change a group's timeout (torchtitan uses this one too).
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
     _current = env
     return env
+
+
+def _wait_for_name(host: str, deadline: float) -> None:
+    """Wait until `host` resolves; RuntimeError at `deadline`."""
+    logged = False
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as err:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"rank 0's host {host!r} did not resolve in time: {err}") from None
+            if not logged:
+                log.info("waiting for rank 0's host %r to resolve (%s)", host, err)
+                logged = True
+            time.sleep(1.0)
 
 
 def destroy_distributed() -> None:

@@ -19,7 +19,7 @@ import sys
 
 import submitit
 
-from gptrain.errors import GptrainError
+from gptrain.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, GptrainError
 from jobs.resources import CLUSTERS, Resources
 from jobs.submit import submit_preprocess, submit_pretrain, submit_sweep
 
@@ -47,6 +47,9 @@ def _common_options() -> argparse.ArgumentParser:
     res.add_argument("--partition", default=defaults.partition)
     res.add_argument("--signal-delay-s", type=int, default=defaults.signal_delay_s,
                      help="seconds before the time limit that the job is warned, to checkpoint (default: %(default)s)")
+    res.add_argument("--max-num-timeout", type=int, default=defaults.max_num_timeout,
+                     help="times a job that reached its time limit is requeued; preemptions do not count "
+                     "(default: %(default)s)")
     res.add_argument("--array-parallelism", type=int, default=defaults.array_parallelism,
                      help="array tasks running at once (default: %(default)s)")
     res.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE", dest="slurm_options",
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         resources = Resources(
             nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
             cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
-            partition=args.partition, signal_delay_s=args.signal_delay_s,
+            partition=args.partition, signal_delay_s=args.signal_delay_s, max_num_timeout=args.max_num_timeout,
             array_parallelism=args.array_parallelism, slurm_options=tuple(args.slurm_options),
         )
         where = dict(cluster=args.cluster, folder=args.folder, resources=resources, after=args.after)
@@ -113,16 +116,16 @@ def main(argv: list[str] | None = None) -> int:
             stages = [("sweep", jobs)]
     except GptrainError as err:
         print(f"python -m jobs {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     for stage, jobs in stages:
         print(stage, " ".join(job.job_id for job in jobs), flush=True)
     if args.wait or args.cluster != "slurm":
         return _report(stages)
-    return 0
+    return EXIT_OK
 
 
 def _report(stages: list[tuple[str, list[submitit.Job]]]) -> int:
-    status = 0
+    status = EXIT_OK
     for stage, jobs in stages:
         for job in jobs:
             try:
@@ -130,7 +133,7 @@ def _report(stages: list[tuple[str, list[submitit.Job]]]) -> int:
                 print(f"{stage} {job.job_id} result: {job.results()[0]!r}", flush=True)
             except Exception as err:  # the job's exception, re-raised here by submitit
                 print(f"{stage} {job.job_id} failed: {err}", file=sys.stderr, flush=True)
-                status = 1
+                status = EXIT_CRASH
     return status
 
 

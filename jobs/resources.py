@@ -30,6 +30,9 @@ class Resources:
     # The warning signal (submitit: USR2) comes this long before the time limit; the trainer
     # needs it to finish a step and write a checkpoint.
     signal_delay_s: int = 120
+    # Time-limit requeues submitit allows a job (preemptions are not counted): a multi-day
+    # pretraining under a 24-hour limit needs one a day. submitit's own default is 3.
+    max_num_timeout: int = 100
     array_parallelism: int = 8  # job-array tasks (preprocess tasks, sweep trials) running at once
     slurm_options: tuple[str, ...] = ()  # more sbatch options as KEY=VALUE: account=proj, qos=high
 
@@ -37,6 +40,8 @@ class Resources:
         for name in ("nodes", "tasks_per_node", "cpus_per_task", "timeout_min", "array_parallelism"):
             if getattr(self, name) < 1:
                 raise GptrainError(f"resources: {name}={getattr(self, name)} must be >= 1")
+        if self.max_num_timeout < 0:
+            raise GptrainError(f"resources: max_num_timeout={self.max_num_timeout} must be >= 0")
         if self.gpus_per_node < 0:
             raise GptrainError(f"resources: gpus_per_node={self.gpus_per_node} must be >= 0")
         if self.mem_gb is not None and self.mem_gb <= 0:
@@ -69,7 +74,7 @@ def make_executor(
     (job ids; an array task's id stands for its whole array) has succeeded."""
     if cluster not in CLUSTERS:
         raise GptrainError(f"--cluster {cluster!r}: must be one of {', '.join(CLUSTERS)}")
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=resources.max_num_timeout)
     executor.update_parameters(
         name=name,
         nodes=resources.nodes,
@@ -84,8 +89,16 @@ def make_executor(
         slurm_additional_parameters=resources.additional_parameters(),
         # Math libraries default to a thread per core of the node, not per CPU of the task.
         slurm_setup=[f"export OMP_NUM_THREADS={resources.cpus_per_task}"],
+        # Fail fast: a task that dies (a rank's crash) ends the others at once, instead of
+        # leaving them in a collective until its timeout. A preempted rank never exits first
+        # (jobs.tasks waits for rank 0's requeue).
+        slurm_srun_args=["--kill-on-bad-exit=1"],
     )
     if after:
         job_ids = sorted({job_id.split("_")[0] for job_id in after})  # 12_3 -> array 12: all its tasks
-        executor.update_parameters(slurm_dependency="afterok:" + ":".join(job_ids))
+        executor.update_parameters(
+            slurm_dependency="afterok:" + ":".join(job_ids),
+            # Cancelled, not left pending forever, if a job it waits for fails.
+            slurm_additional_parameters={**resources.additional_parameters(), "kill_on_invalid_dep": "yes"},
+        )
     return executor

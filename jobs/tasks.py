@@ -1,7 +1,8 @@
 """What the jobs run, in the job's own process: gptrain's commands and its trainer.
 
 submitit pickles these callables on the submitting machine and calls them on the nodes, where
-they are imported from the same installation (`jobs` is installed with gptrain).
+they are imported from the same installation (`jobs` is installed with gptrain). A preempted
+training (gptrain.errors.EXIT_PREEMPTED) is requeued through submitit's checkpoint protocol.
 """
 
 from __future__ import annotations
@@ -9,24 +10,26 @@ from __future__ import annotations
 import logging
 import shlex
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import submitit
 
-# Preempted jobs are requeued by submitit (its checkpoint() protocol), not by the trainer:
-# both would requeue the same job.
-SUBMITIT_REQUEUES = "checkpoint.requeue=false"
+from gptrain.errors import EXIT_OK, EXIT_PREEMPTED
+
+# How long the ranks other than 0 wait for rank 0's requeue, which ends the whole job, before
+# giving up: rank 0 pickles this callable and runs `scontrol requeue` (at most 60 s).
+REQUEUE_WAIT_S = 300
 
 
 def run_gptrain(*argv: str) -> int:
-    """`gptrain ARGV...` in this process: 0, or PREEMPTED_EXIT_CODE when a training stopped at a
+    """`gptrain ARGV...` in this process: EXIT_OK, or EXIT_PREEMPTED when a training stopped at a
     checkpoint after a preemption signal; an exception if it failed (its message is in stderr)."""
-    from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
     from gptrain.cli import main
 
     status = main(list(argv))
-    if status not in (0, PREEMPTED_EXIT_CODE):
+    if status not in (EXIT_OK, EXIT_PREEMPTED):
         raise RuntimeError(f"`gptrain {shlex.join(argv)}` exited with status {status}; the job's stderr says why")
     return status
 
@@ -70,10 +73,11 @@ class Pretrain(submitit.helpers.Checkpointable):
     """`gptrain train --config CONFIG OVERRIDES...`, one rank per submitit task; returns the
     trainer's summary.
 
-    Warned before the time limit or preempted (submitit's USR2, or SIGTERM), the trainer saves
-    a checkpoint and stops; then submitit requeues the job. The rerun calls this same object
-    again (Checkpointable's checkpoint() resubmits it unchanged), and the trainer resumes from
-    the newest checkpoint in the run directory: the state lives in storage, not in here.
+    Warned before the time limit or preempted (submitit's USR2, or SIGTERM), every rank saves
+    its part of a checkpoint and stops; then rank 0 has submitit requeue the job, while the
+    other ranks wait for that requeue to end them. The rerun calls this same object again
+    (Checkpointable's checkpoint() resubmits it unchanged), and the trainer resumes from the
+    newest checkpoint in the run directory: the state lives in storage, not in here.
     """
 
     def __init__(self, config: str, overrides: tuple[str, ...] = ()):
@@ -89,7 +93,7 @@ class Pretrain(submitit.helpers.Checkpointable):
         # RANK, WORLD_SIZE, MASTER_ADDR, ... from the submitit job (Slurm or local), which
         # gptrain reads as it would torchrun's. Each rank picks its GPU by local rank.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        summary = train(load_config(self.config, [*self.overrides, SUBMITIT_REQUEUES]))
+        summary = train(load_config(self.config, self.overrides))
         if summary.get("preempted"):
             _requeue_with_submitit()
         return summary
@@ -105,16 +109,13 @@ class SweepTrial(submitit.helpers.Checkpointable):
     sweep_dir: str | None = None  # None: the spec's own
 
     def __call__(self, index: int) -> None:
-        from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
-
         where = ("--sweep-dir", self.sweep_dir) if self.sweep_dir else ()
-        if run_gptrain("sweep", "run", self.spec, "--index", str(index), *where, *self.overrides,
-                       SUBMITIT_REQUEUES) == PREEMPTED_EXIT_CODE:
+        if run_gptrain("sweep", "run", self.spec, "--index", str(index), *where, *self.overrides) == EXIT_PREEMPTED:
             _requeue_with_submitit()
 
 
 def _requeue_with_submitit() -> NoReturn:
-    """After a preemption save: let submitit requeue the job (it calls checkpoint() first)."""
+    """After a preemption save: have submitit requeue the job (it calls checkpoint() first)."""
     # While training, the trainer's signal handlers stood in for submitit's; they are back now.
     # submitit's handler for its preemption signal does the rest: on rank 0 it calls
     # checkpoint(), requeues the job and exits. It is called here rather than signalled, and
@@ -126,7 +127,10 @@ def _requeue_with_submitit() -> NoReturn:
         raise RuntimeError("training stopped at a checkpoint after a signal outside a submitit job: rerun to resume")
     signal.signal(usr_sig, signal.SIG_IGN)
     handler(usr_sig, None)
-    # The other ranks get here: they leave without a result, and the requeued job runs them again.
-    from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
-
-    raise SystemExit(PREEMPTED_EXIT_CODE)
+    # Only the other ranks get here. They wait for rank 0's requeue, which ends every task of
+    # the job (SIGTERM, let through now): a rank that left first with a non-zero status would
+    # have srun (--kill-on-bad-exit) stop rank 0 before it requeued. Should the requeue never
+    # come, they leave "preempted" after a while.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(REQUEUE_WAIT_S)
+    raise SystemExit(EXIT_PREEMPTED)

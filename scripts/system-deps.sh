@@ -2,7 +2,7 @@
 # System packages the test suite uses for real. Installed with apt when missing (CI runs on
 # a fresh machine as root); a no-op when everything is present.
 set -euo pipefail
-PACKAGES=(iproute2 util-linux slurm-wlm munge docker.io debootstrap chromium)
+PACKAGES=(iproute2 util-linux slurm-wlm munge docker.io debootstrap chromium tini)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

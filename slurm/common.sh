@@ -12,6 +12,11 @@
 #                              directory is always mounted, at the same path, and used as such
 #   GPTRAIN_APPTAINER_IMAGE    Apptainer/Singularity: each step runs `apptainer exec IMAGE ...`
 #   GPTRAIN_APPTAINER_ARGS     extra `apptainer exec` options, e.g. "--nv --bind /scratch"
+#   GPTRAIN_STEP_WRAPPER       any other runtime: a command each step's command is appended to,
+#                              e.g. "ch-run /scratch/gptrain --" (Charliecloud)
+# Only the job steps run inside the image, which needs no Slurm client: the batch script
+# itself (srun, scancel, scontrol requeue) runs on the node's own system.
+# GPTRAIN_MAX_REQUEUES (default 100): how often a preempted job (exit status 75) is requeued.
 # Relative paths in GPTRAIN_* are relative to the job's working directory (sbatch's default:
 # the directory you submitted from).
 set -euo pipefail
@@ -22,7 +27,7 @@ if [ -n "${GPTRAIN_CONTAINER_IMAGE:-}" ] && [ -n "${GPTRAIN_APPTAINER_IMAGE:-}" 
 fi
 
 # Math libraries default to a thread per core of the node, but a task has SLURM_CPUS_PER_TASK
-# CPUs (several jobs may share the node). torchrun also sets 1 when it starts several workers.
+# CPUs (several jobs may share the node).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 # The tokenized dataset (folder or fsspec URL): preprocess writes it, pretrain and sweep read it.
@@ -38,16 +43,22 @@ elif [ -n "${GPTRAIN_APPTAINER_IMAGE:-}" ]; then
   container_exec=(apptainer exec --bind "$PWD" --pwd "$PWD" ${GPTRAIN_APPTAINER_ARGS:-} "$GPTRAIN_APPTAINER_IMAGE")
 else
   GPTRAIN_VENV=${GPTRAIN_VENV:-$PWD/.venv}
-  # Job steps inherit this PATH: gptrain and torchrun resolve to the virtualenv's.
+  # Job steps inherit this PATH: gptrain resolves to the virtualenv's.
   if [ -x "$GPTRAIN_VENV/bin/gptrain" ]; then export PATH="$GPTRAIN_VENV/bin:$PATH"; fi
 fi
+if [ -n "${GPTRAIN_STEP_WRAPPER:-}" ]; then
+  # shellcheck disable=SC2206  # a command and its options
+  container_exec+=(${GPTRAIN_STEP_WRAPPER})
+fi
 
-# step SRUN_OPTION... -- COMMAND...: run COMMAND as a job step (inside the container, if any).
+# step SRUN_OPTION... -- COMMAND...: run COMMAND as a job step (inside the container, if any),
+# each output line labelled with its task's rank (srun --label). If any task fails, srun ends
+# the others at once (--kill-on-bad-exit) rather than leave them waiting in a collective.
 step() {
   local options=()
   while [ "$1" != -- ]; do options+=("$1"); shift; done
   shift
-  srun "${options[@]}" "${container_srun_options[@]}" "${container_exec[@]}" "$@"
+  srun --label --kill-on-bad-exit=1 "${options[@]}" "${container_srun_options[@]}" "${container_exec[@]}" "$@"
 }
 
 # For long steps that save a checkpoint when warned (gptrain train, sweep trials).
@@ -57,17 +68,39 @@ step() {
 # `wait` is what the trap interrupts. The trap passes the warning on with `scancel --signal`,
 # which (without --batch) signals every process of the job's steps and not this shell.
 # `scancel --signal=USR1 JOBID` from outside reaches those processes directly, the same way.
-# In the step, torchrun must ignore USR1/USR2, whose default action would kill it and, with
-# it, the step (Slurm ends a step whose task has exited): `ignoring_warnings` execs COMMAND
-# with them ignored. The workers inherit that, and gptrain installs its own handlers, which
-# save a checkpoint and requeue the job.
+# Sets `status` to the step's exit status.
 warned_step() {
   trap 'echo "$(date +%T) time limit warning: passing USR1 to the job steps"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
   step "$@" &
-  local pid=$! status=0
+  local pid=$!
+  status=0
   wait "$pid" || status=$?
   while kill -0 "$pid" 2>/dev/null; do status=0; wait "$pid" || status=$?; done
-  return "$status"
 }
+# A training command records TERM, USR1 and USR2 from the moment gptrain starts (and saves a
+# checkpoint at its first step boundary); `ignoring_early_signals` execs it with them ignored
+# until then, as their default action would kill it while Python starts: a warning would end
+# the step, and a rank that srun stops because another failed (--kill-on-bad-exit) would die
+# by the signal, whose status (143) would hide the first rank's (2 for a bad config).
 # shellcheck disable=SC2034  # used by the scripts that source this file
-ignoring_warnings=(bash -c 'trap "" USR1 USR2; exec "$@"' ignoring-warnings)
+ignoring_early_signals=(bash -c 'trap "" TERM USR1 USR2; exec "$@"' ignoring-early-signals)
+
+# finish STATUS: end the batch script with gptrain's exit status (gptrain/errors.py). 75 means
+# the step stopped at a checkpoint after a signal: requeue the job (it was submitted with
+# --requeue) so that it resumes, at most GPTRAIN_MAX_REQUEUES times in all. The requeue is run
+# here, on the node's own system, so the image the steps run in needs no Slurm client.
+finish() {
+  local restarts=${SLURM_RESTART_COUNT:-0} max=${GPTRAIN_MAX_REQUEUES:-100}
+  if [ "$1" = 75 ]; then
+    if [ "$restarts" -lt "$max" ]; then
+      echo "$(date +%T) preempted after a checkpoint (status 75): requeueing, restart $((restarts + 1)) of at most $max"
+      scontrol requeue "$SLURM_JOB_ID"
+    else
+      echo "$(date +%T) preempted after a checkpoint (status 75), not requeued: $restarts restarts," \
+        "GPTRAIN_MAX_REQUEUES=$max; resubmit the same job to resume"
+    fi
+  elif [ "$1" != 0 ]; then
+    echo "$(date +%T) the step failed with status $1 (2: bad input, not retried; anything else: a crash)"
+  fi
+  exit "$1"
+}

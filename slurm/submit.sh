@@ -32,10 +32,11 @@ done
 [ $# -gt 0 ] && shift  # the --
 [ ${#stages[@]} -gt 0 ] || stages=(preprocess pretrain)
 
-# submit STAGE_ARGS_VARIABLE SBATCH_ARGUMENT...: the new job's id
+# submit STAGE_ARGS_VARIABLE SBATCH_ARGUMENT...: the new job's id. A job whose dependency can
+# never be met (a task it waits for failed) is cancelled rather than left pending forever.
 submit() {
   # shellcheck disable=SC2086  # the *_SBATCH_ARGS variables are lists of options
-  sbatch --parsable ${GPTRAIN_SBATCH_ARGS:-} ${!1:-} "${@:2}" | cut -d ';' -f 1
+  sbatch --parsable --kill-on-invalid-dep=yes ${GPTRAIN_SBATCH_ARGS:-} ${!1:-} "${@:2}" | cut -d ';' -f 1
 }
 
 after_dataset=()
@@ -43,6 +44,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     preprocess)
       tasks=${GPTRAIN_ARRAY_TASKS:-4}
+      export GPTRAIN_ARRAY_TASKS=$tasks  # the split, which the tasks (and any rerun of some) use
       array=$(submit GPTRAIN_PREPROCESS_SBATCH_ARGS --array="0-$((tasks - 1))" "$here/preprocess.sbatch")
       echo "preprocess $array"
       finalize=$(submit GPTRAIN_PREPROCESS_SBATCH_ARGS --dependency="afterok:$array" "$here/preprocess.sbatch" finalize)

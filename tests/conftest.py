@@ -48,6 +48,19 @@ def is_running(pid: int) -> bool:
     return state != "Z"
 
 
+def launched_workers(pid: int) -> dict[int, int]:
+    """{rank: pid} of the workers of the `gptrain launch` process `pid` or below it (an init):
+    the processes in its tree that have a RANK."""
+    workers = {}
+    for child in map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split()):
+        rank = [item for item in Path(f"/proc/{child}/environ").read_bytes().split(b"\0") if item.startswith(b"RANK=")]
+        if rank:
+            workers[int(rank[0].split(b"=", 1)[1])] = child
+        else:
+            workers.update(launched_workers(child))
+    return workers
+
+
 def stop_pid(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """Stop a process we started: SIGTERM, then SIGKILL if it lingers."""
     if proc.poll() is None:

@@ -2,9 +2,10 @@
 
 * `DockerDaemon`: Debian's dockerd on a private unix socket, with its data and exec roots in a
   test folder, no bridge and no iptables rules; it never touches a system Docker. Stopped by PID.
-* `base_rootfs_tar`: no registry is reachable, so the CPU variant's base image is a Debian
-  minbase made by debootstrap, plus python3 and venv (what python:3.11-slim provides), from the
-  Debian mirror apt is configured with. Imported with `docker import`.
+* `base_rootfs_tar`: no registry is reachable, so the base image is a Debian minbase made by
+  debootstrap, plus python3, venv and Python's headers (what python:3.11-slim provides), from
+  the Debian mirror apt is configured with, which the image's apt step then uses too. Imported
+  with `docker import`.
 * `wheelhouse`: pip inside the image cannot reach PyPI, so every wheel the image installs (the
   project's dependencies, CPU torch, the build backend) is gathered on the host and served to
   the build over HTTP on 127.0.0.1.
@@ -32,12 +33,14 @@ from pathlib import Path
 from conftest import REPO, free_port, is_running, stop_pid, wait_for_port
 
 CACHE_DIR = Path(os.environ.get("GPTRAIN_TEST_CACHE", "/var/tmp/gptrain-test-cache"))
-CONSTRAINTS = REPO / "constraints" / "cpu.txt"
+TORCH_CONSTRAINTS = REPO / "constraints" / "torch.txt"
+IMAGE_LOCK = REPO / "constraints" / "image.txt"
 # Debian docker.io's client: it drives the daemon's built-in BuildKit, where a newer client
 # without the buildx plugin refuses to.
 DOCKER_CLIENT = "/usr/bin/docker"
-# What the base image holds besides minbase: a Python that can make virtualenvs.
-BASE_PACKAGES = ("python3", "python3-venv")
+# What the base image holds besides minbase: what python:3.11-slim has, a Python that can make
+# virtualenvs, with its C headers (Inductor builds its kernels as Python extensions).
+BASE_PACKAGES = ("python3", "python3-venv", "python3-dev")
 # Upper bound of dockerd's tmpfs data root (memory); the two images built by tests/test_docker.py
 # and their build caches take about 3 GB.
 DATA_ROOT_TMPFS_SIZE = "8g"
@@ -239,8 +242,8 @@ def base_rootfs_tar() -> Path:
 
 
 def wheelhouse(extras: list[str]) -> Path:
-    """Wheels of the build backend and every runtime dependency (with `extras`), CPU torch pinned
-    by constraints/cpu.txt.
+    """Wheels of the build backend and every runtime dependency (with `extras`), at the versions
+    of constraints/image.txt, CPU torch pinned by constraints/torch.txt.
 
     Built with the host's pip and its configuration (on this machine torch's CPU wheel comes
     from the configured find-links); a CUDA torch would pull nvidia-* wheels and is refused.
@@ -257,7 +260,7 @@ def wheelhouse(extras: list[str]) -> Path:
     def make(partial: Path) -> None:
         pip = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(partial),
-             "-c", str(CONSTRAINTS), *requirements],
+             "-c", str(TORCH_CONSTRAINTS), "-c", str(IMAGE_LOCK), *requirements],
             capture_output=True, text=True,
         )
         if pip.returncode != 0:
@@ -270,7 +273,8 @@ def wheelhouse(extras: list[str]) -> Path:
                 "(PIP_FIND_LINKS or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)"
             )
 
-    return _cached(f"wheelhouse-{py_tag}", _key(pyproject_bytes, CONSTRAINTS.read_bytes(), *extras), make)
+    key = _key(pyproject_bytes, TORCH_CONSTRAINTS.read_bytes(), IMAGE_LOCK.read_bytes(), *extras)
+    return _cached(f"wheelhouse-{py_tag}", key, make)
 
 
 @contextlib.contextmanager

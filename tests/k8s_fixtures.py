@@ -19,6 +19,7 @@ objects, following the Kubernetes documentation:
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -49,6 +50,8 @@ SCHEMA_VERSIONS = ("1.31", "1.37")
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 CONTROLLER_UID_LABEL = "batch.kubernetes.io/controller-uid"
 COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+# The image's init (docker/Dockerfile's entrypoint), which every pod's command starts with.
+INIT = ["tini", "-g", "--"]
 
 
 def kubectl() -> str:
@@ -275,18 +278,54 @@ def pod_failure_action(job: dict, exit_codes: Mapping[str, int], conditions: Ite
     matching rule wins): Ignore, FailIndex or FailJob, or Count when no rule matches (the
     failure counts against backoffLimit/backoffLimitPerIndex). `exit_codes`: container -> status;
     `conditions`: the pod's true conditions (e.g. DisruptionTarget)."""
-    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+    return _matching_rule(job, exit_codes, conditions)[0]
+
+
+def _matching_rule(job: dict, exit_codes: Mapping[str, int], conditions: Iterable[str]) -> tuple[str, str | None]:
+    """(action, the Job's failure message for a FailJob rule, as the Job controller words it)."""
+    pod = "ns/pod"
+    for index, rule in enumerate(job["spec"].get("podFailurePolicy", {}).get("rules", [])):
         if "onExitCodes" in rule:
             wanted = rule["onExitCodes"]
             # Containers that succeeded (status 0) take no part in the check.
-            codes = [code for container, code in exit_codes.items()
+            codes = [(container, code) for container, code in exit_codes.items()
                      if code != 0 and wanted.get("containerName") in (None, container)]
-            matched = any((code in wanted["values"]) == (wanted["operator"] == "In") for code in codes)
+            matched = [(c, code) for c, code in codes if (code in wanted["values"]) == (wanted["operator"] == "In")]
+            if matched:
+                container, code = matched[0]
+                return rule["action"], (f"Container {container} for pod {pod} failed with exit code {code} "
+                                        f"matching {rule['action']} rule at index {index}")
         else:
-            matched = any(p["type"] in conditions and p.get("status", "True") == "True" for p in rule["onPodConditions"])
-        if matched:
-            return rule["action"]
-    return "Count"
+            matched = [p["type"] for p in rule["onPodConditions"]
+                       if p["type"] in conditions and p.get("status", "True") == "True"]
+            if matched:
+                message = f"Pod {pod} has condition {matched[0]} matching {rule['action']} rule at index {index}"
+                return rule["action"], message
+    return "Count", None
+
+
+def jobset_failure_action(jobset: dict, exit_codes: Mapping[str, int], conditions: Iterable[str] = ()) -> str:
+    """What the JobSet controller does when a pod of its (single) child Job fails: the child Job
+    fails (a FailJob rule of its podFailurePolicy, reason PodFailurePolicy; or a counted failure
+    past backoffLimit 0, reason BackoffLimitExceeded), and the JobSet's failurePolicy rules are
+    matched in order on the Job's failure reason and message (a regex search); the default
+    when none matches is RestartJobSet."""
+    (job,) = jobs_of(jobset)
+    action, message = _matching_rule(job, exit_codes, conditions)
+    if action == "FailJob":
+        reason = "PodFailurePolicy"
+    elif action == "Count" and job["spec"].get("backoffLimit", 6) == 0:
+        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    else:
+        return f"no Job failure ({action})"
+    for rule in jobset["spec"].get("failurePolicy", {}).get("rules", []):
+        if rule.get("onJobFailureReasons") and reason not in rule["onJobFailureReasons"]:
+            continue
+        patterns = rule.get("onJobFailureMessagePatterns")
+        if patterns and not any(re.search(pattern, message) for pattern in patterns):
+            continue
+        return rule["action"]
+    return "RestartJobSet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +379,12 @@ class Pod:
     argv: list[str]
     env: dict[str, str]
     mounts: dict[str, dict]  # mountPath -> the volume mounted there
+
+    @property
+    def gptrain_argv(self) -> list[str]:
+        """The command the init runs: `gptrain ...`."""
+        assert self.argv[:len(INIT)] == INIT and self.argv[len(INIT)] == "gptrain", self.argv
+        return self.argv[len(INIT):]
 
 
 def make_pod(objects: list[dict], job: dict, index: int | None, container: str = "gptrain",
@@ -567,6 +612,32 @@ class LocalPods:
     def stop(self) -> None:
         for proc in self.procs:
             stop_pid(proc)
+
+
+def cpu_stand_in(objects: list[dict], run_config: str, procs_per_node: int = 1) -> list[dict]:
+    """The objects with the GPU pretrain pod made to run here: `procs_per_node` CPU ranks
+    instead of one per GPU, train.device/dtype cpu/fp32 instead of cuda/bf16, the pods'
+    interface loopback (a PodNetwork has no eth0), `run_config` as the run.yaml, and the
+    gptrain-data claim mounted at /data, as without the s3-storage component (a PodNetwork
+    reaches no S3 server)."""
+    objects = copy.deepcopy(objects)
+    pod = one(objects, "Job", "pretrain")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    values = {"GPTRAIN_PROCS_PER_NODE": str(procs_per_node), "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo",
+              "OMP_NUM_THREADS": "1"}
+    for entry in container["env"]:
+        if entry["name"] in values:
+            entry["value"] = values[entry["name"]]
+    swaps = {"train.device=cuda": "train.device=cpu", "train.dtype=bf16": "train.dtype=fp32"}
+    container["args"] = [swaps.get(arg, arg) for arg in container["args"]]
+    container["resources"] = {kind: {"cpu": "1", "memory": "2Gi"} for kind in ("requests", "limits")}
+    container["volumeMounts"].append({"name": "data", "mountPath": "/data"})
+    pod["volumes"].append({"name": "data", "persistentVolumeClaim": {"claimName": "gptrain-data"}})
+    mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+    for config_map in find(objects, "ConfigMap"):
+        if config_map["metadata"]["name"] in mounted:
+            config_map["data"]["run.yaml"] = run_config
+    return objects
 
 
 def smoke_location(pods: LocalPods, variable: str) -> Path:

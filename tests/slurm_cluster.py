@@ -69,7 +69,8 @@ class SlurmCluster:
         """`scontrol show job`: one dict per job (several for an array). Slurm keeps finished
         jobs there for MinJobAge (300 s)."""
         out = self.run("scontrol", "--oneliner", "show", "job", job_id)
-        return [dict(_FIELD.findall(line)) for line in out.splitlines() if line.strip()]
+        lines = [line for line in out.splitlines() if line.strip()]
+        return [{key: value.strip() for key, value in _FIELD.findall(line)} for line in lines]
 
     def wait(self, job_id: str, timeout: float) -> list[dict[str, str]]:
         """Wait until the job (every task of an array) is in a final state; their records."""

@@ -31,7 +31,7 @@ from conftest import free_port
 from gptrain.chat.config import ChatConfig
 from gptrain.chat.conversation import Conversation
 from gptrain.chat.reply import VerbatimReply
-from gptrain.errors import GptrainError
+from gptrain.errors import EXIT_BAD_INPUT, GptrainError
 from gptrain.models import ModelConfig, Transformer, save_hf_pretrained
 from gptrain.tokenizer import get_tokenizer
 from test_tokenizer import gpt2, llama_model_file  # noqa: F401 (fixtures: GPT-2's ranks as a Llama 3 rank file)
@@ -254,7 +254,7 @@ def test_missing_weights_fail_before_the_server_starts(tmp_path):
     for weights, problem in [(tmp_path / "nope", "no such weights"), (uncommitted_run, "no committed checkpoint")]:
         started = time.monotonic()
         result = gptrain("chat", "--weights", str(weights), "--port", str(free_port()), timeout=60)
-        assert result.returncode == 2, result.stderr
+        assert result.returncode == EXIT_BAD_INPUT, result.stderr
         assert f"{weights}: " in result.stderr and problem in result.stderr and "Traceback" not in result.stderr
         assert time.monotonic() - started < 30  # no model load, no Chainlit
 

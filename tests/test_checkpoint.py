@@ -21,11 +21,7 @@ from gptrain.checkpoint import commit as commits
 from gptrain.checkpoint.checkpointer import Checkpointer
 from gptrain.checkpoint.commit import CheckpointError
 from gptrain.checkpoint.export import export, load_model_from_checkpoint
-from gptrain.checkpoint.preemption import (
-    PreemptionHandler,
-    requeue_slurm_job,
-    should_requeue,
-)
+from gptrain.checkpoint.preemption import PreemptionHandler
 from gptrain.cli import main as gptrain_main
 from gptrain.errors import GptrainError
 
@@ -241,23 +237,6 @@ def test_preemption_signal_only_sets_a_flag_until_the_ranks_agree(signum):
         assert preemption.signals == (signum,)
         assert 0 <= preemption.seconds_since_signal() < 5
     assert signal.getsignal(signum) == before
-
-
-def test_requeue_policy(tmp_path, monkeypatch, caplog):
-    class Got:
-        def __init__(self, *signals):
-            self.signals = signals
-
-    slurm = {"SLURM_JOB_ID": "42"}
-    assert should_requeue(Got(signal.SIGUSR1), "auto", slurm)  # time-limit warning: come back later
-    assert not should_requeue(Got(signal.SIGTERM), "auto", slurm)  # scancel or Slurm's own preemption
-    assert should_requeue(Got(signal.SIGTERM), True, slurm)
-    assert not should_requeue(Got(signal.SIGUSR2), False, slurm)
-    assert not should_requeue(Got(signal.SIGUSR2), True, {})  # not a Slurm job
-    # Without scontrol the requeue fails and says so; the caller still exits with its status.
-    monkeypatch.setenv("PATH", str(tmp_path))
-    assert requeue_slurm_job(slurm) is False
-    assert "could not requeue Slurm job 42" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,6 +122,9 @@ def test_switching_from_steps_to_a_token_budget():
         ("model.d_model=66", ["model.d_model (66)", "n_heads (4)"]),
         ("eval.every=-1", ["eval.every=-1"]),
         ("optim.lr", ["expected section.key=value"]),
+        ("comm.timeout_s=0", ["comm.timeout_s=0.0", "must be > 0"]),
+        ("comm.init_timeout_s=soon", ["comm.init_timeout_s='soon'", "expected a number"]),
+        ("checkpoint.requeue=true", ["'checkpoint.requeue' was removed", "exit status 75", "GPTRAIN_MAX_REQUEUES"]),
     ],
 )
 def test_bad_overrides_name_the_key_and_value(override, expected):

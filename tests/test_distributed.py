@@ -1,4 +1,5 @@
-"""Rank/world detection for each launcher, and real multi-process runs over gloo.
+"""Rank/world and array-task detection for each launcher, and real multi-process runs over gloo
+(collectives, and the timeouts that turn a missing or hung rank into a crash).
 
 The multi-process tests start their processes inside a fresh network namespace holding only
 loopback (`unshare --net`), because torch's rendezvous store listens on all interfaces.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env, stop_session
+from gptrain.array_task import ArrayTask, resolve_array_task
 from gptrain.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -172,6 +174,55 @@ def test_collectives_are_no_ops_without_a_process_group(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Job arrays
+
+
+@pytest.mark.parametrize(
+    "environ, task",
+    [
+        ({}, ArrayTask(0, 1)),
+        # sbatch --array=0-3: the whole array; its count is the split
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3",
+          "SLURM_ARRAY_TASK_COUNT": "4"}, ArrayTask(2, 4)),
+        # sbatch --array=3 and --array=1,3 with the split's size (slurm/preprocess.sbatch sets it):
+        # the ids are the tasks of the original split
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "3",
+          "SLURM_ARRAY_TASK_COUNT": "1", "GPTRAIN_NUM_TASKS": "4"}, ArrayTask(3, 4)),
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3",
+          "SLURM_ARRAY_TASK_COUNT": "2", "GPTRAIN_NUM_TASKS": "4"}, ArrayTask(1, 4)),
+        ({"JOB_COMPLETION_INDEX": "2", "GPTRAIN_NUM_TASKS": "3"}, ArrayTask(2, 3)),
+    ],
+)
+def test_array_task_is_the_array_id_of_the_submitted_split(environ, task):
+    assert resolve_array_task(environ=environ) == task
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        # --array=1,3 without the split's size: refused, never re-split as "task 0 of 2"
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3",
+          "SLURM_ARRAY_TASK_COUNT": "2"}, "holds 2 of ids 1..3, a part of a larger split: set GPTRAIN_NUM_TASKS"),
+        # --array=0-7 submitted for a 4-task split: every task refuses, before any work
+        ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "7",
+          "SLURM_ARRAY_TASK_COUNT": "8", "GPTRAIN_NUM_TASKS": "4"}, "ids go up to 7, but the split has 4 tasks"),
+        ({"JOB_COMPLETION_INDEX": "3", "GPTRAIN_NUM_TASKS": "3"}, "array task index 3 is outside 0..2"),
+        ({"GPTRAIN_NUM_TASKS": "many"}, "GPTRAIN_NUM_TASKS='many' is not an integer"),
+    ],
+)
+def test_array_task_refuses_a_split_it_cannot_tell(environ, message):
+    with pytest.raises(GptrainError, match=message):
+        resolve_array_task(environ=environ)
+
+
+def test_explicit_array_task_arguments_win():
+    environ = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
+               "SLURM_ARRAY_TASK_COUNT": "2"}
+    assert resolve_array_task(0, 3, environ) == ArrayTask(0, 3)
+    assert resolve_array_task(count=5, environ=environ) == ArrayTask(1, 5)
+
+
+# ---------------------------------------------------------------------------------------------
 # Real multi-process runs: 2 processes, gloo, inside a loopback-only network namespace.
 
 def _run_in_netns(script: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -189,9 +240,9 @@ def _run_in_netns(script: str, timeout: float = 60.0) -> subprocess.CompletedPro
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
-def _two_workers(out_dir: Path, envs: list[dict[str, str]]) -> str:
+def _two_workers(out_dir: Path, envs: list[dict[str, str]], mode: str = "collectives") -> str:
     """Bash that starts this file as a worker once per env, then fails if any worker failed."""
-    worker = " ".join(shlex.quote(arg) for arg in (sys.executable, __file__, str(out_dir)))
+    worker = " ".join(shlex.quote(arg) for arg in (sys.executable, __file__, str(out_dir), mode))
     lines = ["pids=()"]
     for env in envs:
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
@@ -241,7 +292,8 @@ def test_slurm_style_tasks_two_processes(tmp_path):
         assert result["env"]["launcher"] == "slurm"
         assert result["env"]["master_addr"] == "localhost"
         assert result["env"]["master_port"] == 10000 + job_id
-        assert result["exported"] == {"MASTER_ADDR": "localhost", "MASTER_PORT": str(10000 + job_id),
+        # Node 0 hosts rank 0: its tasks reach the store over loopback, whatever the node is called.
+        assert result["exported"] == {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(10000 + job_id),
                                       "WORLD_SIZE": "2", "RANK": str(result["torch_rank"])}
 
 
@@ -256,13 +308,48 @@ def test_kubernetes_style_pods_two_processes(tmp_path):
         assert result["env"]["master_port"] == 29533
 
 
-def _worker(out_dir: Path) -> None:
+@pytest.mark.slow
+def test_a_hung_rank_or_one_that_never_joins_fails_the_others_in_time(tmp_path):
+    """comm.timeout_s: rank 1 joins, then never calls the all-reduce that rank 0 waits in;
+    comm.init_timeout_s: rank 1 never starts. Rank 0 raises within seconds, not gloo's 30 min."""
+    env = {"GPTRAIN_WORLD_SIZE": "2", "GPTRAIN_MASTER_ADDR": "127.0.0.1", "GPTRAIN_MASTER_PORT": "29534"}
+    hung = _run_in_netns(_two_workers(tmp_path, [{**env, "JOB_COMPLETION_INDEX": str(r)} for r in range(2)], "hang"))
+    assert hung.returncode != 0, hung.stdout
+    (timed_out,) = [json.loads(p.read_text()) for p in tmp_path.glob("rank0-timeout.json")]
+    assert "timed out" in timed_out["error"].lower() or "timeout" in timed_out["error"].lower(), timed_out
+    assert 1.5 <= timed_out["seconds"] < 5, timed_out
+
+    alone = _run_in_netns(_two_workers(tmp_path, [{**env, "JOB_COMPLETION_INDEX": "0"}], "alone"))
+    assert alone.returncode != 0
+    joined = "rank 0 of 2 could not join the process group at 127.0.0.1:29534 within comm.init_timeout_s=2"
+    assert joined in alone.stdout
+
+
+TIMEOUTS = {"init_timeout_s": 2.0, "timeout_s": 2.0}  # what the timeout test's workers wait, at most
+
+
+def _worker(out_dir: Path, mode: str) -> None:
+    import time
+
     import torch
     import torch.distributed as dist
 
     from gptrain.distributed import destroy_distributed, init_distributed
 
-    env = init_distributed("cpu")
+    if mode != "collectives":
+        env = init_distributed("cpu", **TIMEOUTS)
+        if env.rank == 1:
+            time.sleep(5)  # alive, but never in the collective rank 0 waits in
+            return
+        started = time.monotonic()
+        try:
+            all_reduce_sum(torch.ones(1))
+        except Exception as err:  # torch's DistBackendError: the collective timed out
+            record = {"error": str(err), "seconds": time.monotonic() - started}
+            (out_dir / "rank0-timeout.json").write_text(json.dumps(record))
+            raise
+        return
+    env = init_distributed("cpu", init_timeout_s=60, timeout_s=60)
     total = all_reduce_sum(torch.tensor([float(env.rank + 1)]))
     mean = all_reduce_mean(torch.tensor([float(env.rank)]))
     result = {
@@ -285,4 +372,4 @@ def _worker(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    _worker(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "collectives")

@@ -1,9 +1,12 @@
 """docker/Dockerfile, for real: a Docker daemon started here builds the CPU image and runs the
-demo pipeline in it, as a mapped non-root user, offline, on a mounted runs folder.
+demo pipeline in it, as a mapped non-root user, offline, on a mounted runs folder; then the
+exit-status contract under `docker run`/`docker stop` (tini as PID 1, `gptrain launch` with two
+ranks), train.compile=true, and `docker stop` during `gptrain data prepare`.
 
 No registry is reachable, so the base image is a local debootstrap of Debian and the wheels
-come from a wheelhouse gathered on the host (see tests/docker_fixtures.py). The first run
-fills the cache (debootstrap, wheelhouse); the image itself is built from scratch every run.
+come from a wheelhouse gathered on the host (see tests/docker_fixtures.py); apt reaches the
+Debian mirror. The first run fills the cache (debootstrap, wheelhouse); the image itself is
+built from scratch every run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,22 +23,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, is_running
+from checkpoint_fixtures import TINY_MODEL, prepare_dataset
+from conftest import REPO, VENV_BIN, is_running, launched_workers
 from docker_fixtures import (
-    CONSTRAINTS,
     DOCKER_CLIENT,
+    IMAGE_LOCK,
+    TORCH_CONSTRAINTS,
     DockerDaemon,
     base_rootfs_tar,
     served_on_localhost,
     wheelhouse,
 )
 
+from gptrain.train.logger import read_metrics
+
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DEMO_SCRIPT = REPO / "scripts" / "demo.sh"
 BASE_TAG = "gptrain-test/debian-python:local"
 IMAGE_TAG = "gptrain:cpu-test"
-TORCH_BASE_TAG = "gptrain-test/debian-python-torch:local"
-TORCH_BASE_IMAGE_TAG = "gptrain:torch-base-test"
 # The image's user, which the Kubernetes pods also run as (k8s/base/pod-defaults.yaml).
 POD_DEFAULTS = REPO / "k8s" / "base" / "pod-defaults.yaml"
 # The uid:gid `docker run --user` maps the pipeline to, as a cluster user's own ids would be.
@@ -81,39 +87,19 @@ def wheel_url(docker_daemon: DockerDaemon):
         yield url
 
 
-def build_image(daemon: DockerDaemon, tag: str, base: str, wheel_url: str) -> str:
-    """docker/Dockerfile built offline on `base`; returns BuildKit's log (plain progress)."""
-    started = time.monotonic()
-    build = daemon.docker(
-        "build", "--progress", "plain", "--network", "host",  # RUN steps reach the wheelhouse on 127.0.0.1
-        "-f", str(DOCKERFILE), "-t", tag, "--build-arg", f"BASE_IMAGE={base}",
-        "--build-arg", "PIP_NO_INDEX=1", "--build-arg", f"PIP_FIND_LINKS={wheel_url}",
-        str(REPO),
-    )
-    print(f"docker test: built {tag} in {time.monotonic() - started:.0f} s")
-    return build.stderr + build.stdout
-
-
 @pytest.fixture(scope="module")
 def cpu_image(docker_daemon: DockerDaemon, wheel_url: str) -> str:
-    """The CPU variant: a base without torch. Returns the build log."""
-    return build_image(docker_daemon, IMAGE_TAG, BASE_TAG, wheel_url)
-
-
-@pytest.fixture(scope="module")
-def torch_base_image(docker_daemon: DockerDaemon, wheel_url: str) -> str:
-    """The image built on a base whose Python already has torch, the way the default CUDA base
-    (pytorch/pytorch) and NGC's images have theirs; returns the image's tag."""
-    pinned_torch = re.search(r"^torch==\S+$", CONSTRAINTS.read_text(), re.MULTILINE)[0]
-    # Debian's python3 has no pip of its own: run the one python3-venv ships as a wheel.
-    base_dockerfile = (
-        f"FROM {BASE_TAG}\n"
-        "RUN set -- /usr/share/python-wheels/pip-*.whl && python3 \"$1/pip\" install --no-cache-dir "
-        f"--break-system-packages --no-index --find-links {wheel_url} {pinned_torch}\n"
+    """docker/Dockerfile's CPU variant built offline on the local base; returns BuildKit's log."""
+    started = time.monotonic()
+    build = docker_daemon.docker(
+        "build", "--progress", "plain", "--network", "host",  # RUN steps reach the wheelhouse on 127.0.0.1
+        "-f", str(DOCKERFILE), "-t", IMAGE_TAG, "--build-arg", f"BASE_IMAGE={BASE_TAG}",
+        "--build-arg", "TORCH_VARIANT=cpu", "--build-arg", "PIP_NO_INDEX=1",
+        "--build-arg", f"PIP_FIND_LINKS={wheel_url}",
+        str(REPO),
     )
-    docker_daemon.docker("build", "--network", "host", "-t", TORCH_BASE_TAG, "-", input=base_dockerfile)
-    build_image(docker_daemon, TORCH_BASE_IMAGE_TAG, TORCH_BASE_TAG, wheel_url)
-    return TORCH_BASE_IMAGE_TAG
+    print(f"docker test: built {IMAGE_TAG} in {time.monotonic() - started:.0f} s")
+    return build.stderr + build.stdout
 
 
 def run_in_image(
@@ -128,16 +114,19 @@ def run_in_image(
 def test_dockerfile_is_hadolint_clean():
     result = subprocess.run([str(VENV_BIN / "hadolint"), "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    # Both variants come from the one file: a CUDA PyTorch runtime by default, any base by ARG.
+    # Both variants come from the one file and the one base, pinned by digest; CUDA by default.
     base_default = dockerfile_default("BASE_IMAGE")
-    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base_default), base_default
+    assert re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", base_default), base_default
+    assert dockerfile_default("TORCH_VARIANT") == "cuda"
 
 
 @pytest.mark.slow
 def test_image_runs_gptrain_as_the_cluster_manifests_user(docker_daemon, cpu_image):
     config = json.loads(docker_daemon.docker("inspect", IMAGE_TAG).stdout)[0]["Config"]
-    assert config["Entrypoint"] == ["gptrain"]
-    pod_security = yaml.safe_load(POD_DEFAULTS.read_text())["spec"]["template"]["spec"]["securityContext"]
+    pod = yaml.safe_load(POD_DEFAULTS.read_text())["spec"]["template"]["spec"]
+    # tini as PID 1 before gptrain, and the pods spell out the same command.
+    assert config["Entrypoint"] == ["tini", "-g", "--", "gptrain"] == pod["containers"][0]["command"]
+    pod_security = pod["securityContext"]
     assert config["User"] == f"{pod_security['runAsUser']}:{pod_security['runAsGroup']}"
     assert run_in_image(docker_daemon, "-u", options=("--entrypoint", "id")).strip() == str(pod_security["runAsUser"])
     assert "data" in run_in_image(docker_daemon, "--help") and "train" in run_in_image(docker_daemon, "--help")
@@ -153,13 +142,20 @@ def test_cpu_image_has_pinned_cpu_torch_and_tokenizes_offline(docker_daemon, cpu
     probe = (
         "import json, importlib.metadata as md, torch;"
         "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda,"
-        " 'dists': sorted(d.metadata['Name'].lower() for d in md.distributions())}))"
+        " 'dists': sorted(d.metadata['Name'].lower() for d in md.distributions()),"
+        " 'versions': {d.metadata['Name'].lower(): d.version for d in md.distributions()}}))"
     )
     found = json.loads(run_in_image(docker_daemon, "-c", probe, options=("--entrypoint", "python")))
-    pinned = re.search(r"^torch==(\S+)$", CONSTRAINTS.read_text(), re.MULTILINE)[1]
+    pinned = re.search(r"^torch==(\S+)$", TORCH_CONSTRAINTS.read_text(), re.MULTILINE)[1]
     assert found["torch"] in (pinned, f"{pinned}+cpu") and found["cuda"] is None
     assert not [name for name in found["dists"] if name.startswith("nvidia")]
     assert "gptrain" in found["dists"]
+    # Every other package at the version constraints/image.txt locks.
+    locked = dict(line.split("==") for line in IMAGE_LOCK.read_text().splitlines() if "==" in line)
+    installed = {name.replace("_", "-"): version for name, version in found["versions"].items()}
+    assert {name: installed.get(name) for name in locked if name in installed} == {
+        name: version for name, version in locked.items() if name in installed}
+    assert set(installed) - set(locked) - {"gptrain", "torch", "pip"} == set()
     # The GPT-2 BPE files were seeded into TIKTOKEN_CACHE_DIR at build time: no network, and a
     # read-only root filesystem (as in the Kubernetes pods) is enough.
     ids = run_in_image(docker_daemon, "tokenizer", "encode", "Hello world", options=("--read-only",))
@@ -236,18 +232,99 @@ def test_s3_credentials_pass_as_environment_variables(docker_daemon, cpu_image, 
         assert fs.size(f"{s3_bucket}/raw/books/pg{book['book_id']}.txt") == book["bytes"]
 
 
+
+
+def _container_status(daemon: DockerDaemon, name: str, timeout: float = 300) -> int:
+    """`docker wait NAME`: the container's exit status, once it has exited."""
+    return int(daemon.docker("wait", name, timeout=timeout).stdout.strip())
+
+
 @pytest.mark.slow
-def test_a_base_with_torch_keeps_its_torch_and_torchrun_runs_gptrain(docker_daemon, torch_base_image):
-    probe = "import torch, gptrain, sys; print(torch.__file__); print(sys.prefix)"
-    torch_file, prefix = run_in_image(
-        docker_daemon, "-c", probe, options=("--entrypoint", "python"), image=torch_base_image
-    ).split()
-    assert prefix == "/opt/gptrain" and not torch_file.startswith(prefix), torch_file  # the base's torch
-    # `torchrun -m gptrain` (slurm/pretrain.sbatch) starts workers with torchrun's own Python,
-    # so torchrun must be the virtualenv's, not the base's. (--hostname: torchrun resolves the
-    # host name, which a --network none container's /etc/hosts lacks.)
-    out = run_in_image(
-        docker_daemon, "--nproc-per-node=1", "-m", "gptrain", "tokenizer", "encode", "Hello world",
-        options=("--entrypoint", "torchrun", "--hostname", "localhost"), image=torch_base_image,
-    )
-    assert out.split() == ["15496", "995"]
+def test_exit_statuses_signals_and_compile_under_docker_run(docker_daemon, cpu_image, tmp_path):
+    """The image keeps gptrain's exit-status contract: bad input exits 2 (two ranks under
+    `gptrain launch`); `docker stop` (SIGTERM to tini, PID 1) reaches gptrain, which saves a
+    checkpoint, and the container exits 75, here while training with train.compile=true
+    (Inductor compiles with the image's g++); a rank SIGKILLed: the launcher stops the other
+    and the container exits at once with 137. (Resuming after each: tests/test_launch.py.)"""
+    data = prepare_dataset(tmp_path / "data")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, MAPPED_UID, MAPPED_GID)
+    mounts = ("--user", f"{MAPPED_UID}:{MAPPED_GID}", "-v", f"{data}:/data:ro", "-v", f"{runs}:/workspace/runs")
+    train = [
+        "train", "--config", "debug", "data.path=/data", *(f"model.{k}={v}" for k, v in TINY_MODEL.items()),
+        "train.micro_batch_size=2", "train.log_every=1", "schedule.warmup_steps=2", "eval.every=0",
+        "eval.max_windows=2", "eval.sample_prompt=", "logging.plot=false", "train.max_steps=200",
+    ]
+
+    def docker_run(name: str, *args: str) -> None:
+        docker_daemon.docker("run", "-d", "--name", name, "--network", "none", *mounts, IMAGE_TAG, *args)
+
+    def wait_for_step(name: str, run_dir: Path, step: int) -> None:
+        deadline = time.monotonic() + 300
+        while not any(r["step"] >= step for r in read_metrics(str(run_dir)) if r["kind"] == "train"):
+            running = json.loads(docker_daemon.docker("inspect", name).stdout)[0]["State"]["Running"]
+            assert running and time.monotonic() < deadline, docker_daemon.docker("logs", name).stderr[-3000:]
+            time.sleep(0.1)
+
+    launch = ["launch", "--nproc-per-node", "2", "--"]
+    docker_run("bad-config", *launch, *train, "train.run_dir=runs/bad", "optim.lr=fast")
+    assert _container_status(docker_daemon, "bad-config") == 2
+    assert "optim.lr='fast': expected a number" in docker_daemon.docker("logs", "bad-config").stdout
+
+    docker_run("compiled", *train, "train.run_dir=runs/compiled", "train.compile=true")
+    wait_for_step("compiled", runs / "compiled", 3)  # compiled, and training
+    docker_daemon.docker("stop", "--time", "120", "compiled")  # SIGTERM; SIGKILL only after 120 s
+    assert _container_status(docker_daemon, "compiled") == 75
+    logs = docker_daemon.docker("logs", "compiled").stderr
+    (stopped,) = re.findall(r"preempted by SIGTERM at step (\d+): checkpoint committed", logs)
+    assert (runs / "compiled" / "checkpoints" / f"step-{stopped}" / "commit.json").exists()
+    losses = [r["loss"] for r in read_metrics(str(runs / "compiled")) if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
+
+    docker_run("crashed", *launch, *train, "train.run_dir=runs/crashed")
+    wait_for_step("crashed", runs / "crashed", 2)
+    init_pid = json.loads(docker_daemon.docker("inspect", "crashed").stdout)[0]["State"]["Pid"]
+    killed_at = time.monotonic()
+    os.kill(launched_workers(init_pid)[1], signal.SIGKILL)
+    assert _container_status(docker_daemon, "crashed") == 137
+    print(f"docker test: rank 1 SIGKILLed; the container exited {time.monotonic() - killed_at:.2f} s later")
+    assert "rank 1 was killed by SIGKILL (status 137): killing the other workers" in (
+        docker_daemon.docker("logs", "crashed").stderr)
+
+
+@pytest.mark.slow
+def test_docker_stop_during_prepare_exits_at_once_and_a_rerun_writes_identical_shards(
+    docker_daemon, cpu_image, mirror_dir, tmp_path
+):
+    """tini passes `docker stop`'s SIGTERM to gptrain and its tokenizer processes, which stop
+    at once (prepare writes atomically: nothing to save); the rerun produces the shards an
+    uninterrupted prepare on the host produces."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.chown(runs, MAPPED_UID, MAPPED_GID)
+    mounts = ("--user", f"{MAPPED_UID}:{MAPPED_GID}", "-v", f"{mirror_dir}:/mirror:ro", "-v", f"{runs}:/workspace/runs")
+    run_in_image(docker_daemon, "data", "download", "--mirror", "/mirror", "--out", "runs/books", options=mounts)
+    prepare = ["data", "prepare", "--input", "runs/books", "--out", "runs/dataset", "--workers", "2",
+               "--shard-tokens", "20000"]
+    docker_daemon.docker("run", "-d", "--name", "prepare", "--network", "none", *mounts, IMAGE_TAG, *prepare)
+    deadline = time.monotonic() + 120
+    while not list((runs / "dataset" / "shards").glob("*")):  # the first shard: it is half way
+        assert time.monotonic() < deadline and json.loads(
+            docker_daemon.docker("inspect", "prepare").stdout)[0]["State"]["Running"], "prepare ended too early"
+        time.sleep(0.05)
+    started = time.monotonic()
+    docker_daemon.docker("stop", "--time", "30", "prepare")
+    stop_s = time.monotonic() - started
+    print(f"docker test: docker stop during data prepare returned after {stop_s:.2f} s")
+    assert _container_status(docker_daemon, "prepare") == 143 and stop_s < 5  # SIGTERM ended it, not SIGKILL
+    assert not (runs / "dataset" / "manifest.json").exists()
+
+    run_in_image(docker_daemon, *prepare, options=mounts)
+    reference = tmp_path / "reference"
+    subprocess.run([str(VENV_BIN / "gptrain"), *prepare[:3], str(runs / "books"), "--out", str(reference),
+                    *prepare[6:]], check=True, capture_output=True)
+    shards = {p.name: p.read_bytes() for p in (runs / "dataset" / "shards").iterdir()}
+    assert shards == {p.name: p.read_bytes() for p in (reference / "shards").iterdir()}
+    manifest = json.loads((runs / "dataset" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == json.loads((reference / "manifest.json").read_text())["fingerprint"]

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from gptrain.errors import EXIT_BAD_INPUT
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -57,5 +59,5 @@ def test_sampling_with_seed_is_reproducible(hf_gpt2_folder):
 
 def test_missing_weights_is_a_clear_error(tmp_path):
     result = run_cli("--weights", str(tmp_path / "nope"), "--prompt", "x")
-    assert result.returncode == 2
+    assert result.returncode == EXIT_BAD_INPUT
     assert "nope" in result.stderr and "Traceback" not in result.stderr

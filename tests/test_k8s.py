@@ -10,23 +10,28 @@ a preemption (SIGTERM, checkpoint, exit 75, replacement pods that resume).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import is_running, launched_workers
 from k8s_fixtures import (
     SCHEMA_VERSIONS,
     LocalPods,
     PodNetwork,
+    cpu_stand_in,
     find,
     jobs_of,
     localize,
     make_pod,
     one,
+    jobset_failure_action,
     pod_failure_action,
     pod_templates,
     references,
@@ -38,6 +43,7 @@ from k8s_fixtures import (
 )
 
 from gptrain.config import flatten
+from gptrain.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 OVERLAYS = ["overlays/cpu-smoke", "overlays/gpu", "overlays/gpu-jobset"]
 KUSTOMIZATIONS = ["base", *OVERLAYS]
@@ -45,17 +51,6 @@ STAGES = {"download", "prepare", "finalize", "pretrain", "sweep"}
 INDEXED = {"download", "prepare", "pretrain", "sweep"}
 SECRET_KEYS = {("gptrain-wandb", "api-key"), ("gptrain-s3", "access-key-id"), ("gptrain-s3", "secret-access-key")}
 RUN_CONFIG = "/etc/gptrain/run.yaml"
-# Exit statuses of `gptrain`: 2 for bad input (GptrainError, argparse); the trainer's
-# "checkpointed after a preemption signal" is gptrain.checkpoint.preemption.PREEMPTED_EXIT_CODE.
-BAD_INPUT_EXIT_CODE = 2
-
-
-def preempted_exit_code() -> int:
-    from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
-
-    return PREEMPTED_EXIT_CODE
-
-
 def workloads(objects: list[dict]) -> list[dict]:
     return [o for o in objects if o["kind"] in ("Job", "JobSet")]
 
@@ -121,20 +116,23 @@ def test_jobs_restart_and_fail_as_intended(kustomization):
             if stage(workload) in INDEXED:
                 assert spec["completionMode"] == "Indexed", where
             if workload["kind"] == "JobSet":
-                # A disruption fails the Job through its policy; the JobSet restarts every pod for it
-                # without counting; any other failure of a pod also fails the Job (backoffLimit 0)
-                # and restarts the gang, counted against maxRestarts.
+                # Any failed pod fails the Job; the JobSet then restarts every pod (a gang), only
+                # once the old ones are gone, uncounted for a preemption or disruption, counted
+                # for a crash, and never for bad input.
                 assert spec["backoffLimit"] == 0
-                assert pod_failure_action(job, {"gptrain": 143}, ["DisruptionTarget"]) == "FailJob"
-                rules = workload["spec"]["failurePolicy"]["rules"]
-                assert rules[0]["onJobFailureReasons"] == ["PodFailurePolicy"]
-                assert rules[0]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
-                assert workload["spec"]["failurePolicy"]["maxRestarts"] >= 1
+                policy = workload["spec"]["failurePolicy"]
+                assert policy["restartStrategy"] == "BlockingRecreate" and policy["maxRestarts"] >= 1
+                uncounted = "RestartJobSetAndIgnoreMaxRestarts"
+                assert jobset_failure_action(workload, {"gptrain": 143}, ["DisruptionTarget"]) == uncounted
+                assert jobset_failure_action(workload, {"gptrain": EXIT_PREEMPTED}) == uncounted
+                assert jobset_failure_action(workload, {"gptrain": EXIT_BAD_INPUT}) == "FailJobSet"
+                for crash in (1, 137):
+                    assert jobset_failure_action(workload, {"gptrain": crash}) == "RestartJobSet"
                 continue
             assert spec["podReplacementPolicy"] == "Failed", where  # one pod per index at a time
             # Disruptions never use up a retry; bad input is never retried.
             assert pod_failure_action(job, {"gptrain": 143}, ["DisruptionTarget"]) == "Ignore", where
-            assert pod_failure_action(job, {"gptrain": BAD_INPUT_EXIT_CODE}) in ("FailIndex", "FailJob"), where
+            assert pod_failure_action(job, {"gptrain": EXIT_BAD_INPUT}) in ("FailIndex", "FailJob"), where
             assert pod_failure_action(job, {"gptrain": 1}) == "Count", where
             if spec.get("completionMode") == "Indexed":
                 assert spec["backoffLimitPerIndex"] >= 1, where
@@ -146,17 +144,17 @@ def test_training_resumes_after_preemption_and_stops_on_bad_input(kustomization)
     pretrain = one(objects, "Job", "pretrain")
     # The trainer checkpoints on SIGTERM and exits with its "preempted" status: the pod is
     # replaced without counting, and the new one resumes from that checkpoint.
-    assert pod_failure_action(pretrain, {"gptrain": preempted_exit_code()}) == "Ignore"
+    assert pod_failure_action(pretrain, {"gptrain": EXIT_PREEMPTED}) == "Ignore"
     # A bad config fails every rank the same way: stop the whole Job at once.
-    assert pod_failure_action(pretrain, {"gptrain": BAD_INPUT_EXIT_CODE}) == "FailJob"
+    assert pod_failure_action(pretrain, {"gptrain": EXIT_BAD_INPUT}) == "FailJob"
     assert pretrain["spec"]["maxFailedIndexes"] == 0  # a rank out of retries stops the others
     # A sweep trial resumes the same way; a bad trial fails alone, the others finish.
     sweep = one(objects, "Job", "sweep")
-    assert pod_failure_action(sweep, {"gptrain": preempted_exit_code()}) == "Ignore"
-    assert pod_failure_action(sweep, {"gptrain": BAD_INPUT_EXIT_CODE}) == "FailIndex"
+    assert pod_failure_action(sweep, {"gptrain": EXIT_PREEMPTED}) == "Ignore"
+    assert pod_failure_action(sweep, {"gptrain": EXIT_BAD_INPUT}) == "FailIndex"
     # Data stages: a bad index fails alone too.
     for name in ("download", "prepare"):
-        assert pod_failure_action(one(objects, "Job", name), {"gptrain": BAD_INPUT_EXIT_CODE}) == "FailIndex"
+        assert pod_failure_action(one(objects, "Job", name), {"gptrain": EXIT_BAD_INPUT}) == "FailIndex"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -227,17 +225,19 @@ def test_pretrain_pods_find_rank_zero_through_the_headless_service(kustomization
 
     grace = template["spec"]["terminationGracePeriodSeconds"]
     assert grace >= 60  # room to finish a step and write a checkpoint after SIGTERM
-    if pods[0].argv[0] == "torchrun":
-        argv = pods[0].argv
-        assert f"--rdzv-endpoint={pods[0].env['GPTRAIN_MASTER_ADDR']}:{pods[0].env['GPTRAIN_MASTER_PORT']}" in argv
-        assert "--rdzv-backend=c10d" in argv and f"--nnodes={job['spec']['completions']}" in argv
-        assert f"--rdzv-id={pods[0].env['GPTRAIN_RDZV_ID']}" in argv and pods[0].env["GPTRAIN_RDZV_ID"]
-        assert argv[argv.index("--no-python") + 1:][:2] == ["gptrain", "train"]
-        # torchrun must let the workers finish their checkpoint before the kubelet's SIGKILL.
-        assert int(pods[0].env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < grace
-        assert "GPTRAIN_WORLD_SIZE" not in pods[0].env  # torchrun's RANK/WORLD_SIZE decide
+    if pods[0].gptrain_argv[1] == "launch":
+        from gptrain.cli import build_parser
+
+        for pod in pods:
+            # Pod i is node i: the launcher's node rank comes from the index, not from DNS.
+            launch = build_parser().parse_args(pod.gptrain_argv[1:])
+            assert (launch.node_rank, launch.nnodes) == (pod.index, job["spec"]["completions"])
+            assert (launch.master_addr, str(launch.master_port)) == (
+                pod.env["GPTRAIN_MASTER_ADDR"], pod.env["GPTRAIN_MASTER_PORT"])
+            assert launch.worker_command[:2] == ["--", "train"]
+        assert "GPTRAIN_WORLD_SIZE" not in pods[0].env  # the launcher's RANK/WORLD_SIZE decide
     else:
-        assert pods[0].argv[:2] == ["gptrain", "train"]
+        assert pods[0].gptrain_argv[:2] == ["gptrain", "train"]
         assert all(p.env["GPTRAIN_WORLD_SIZE"] == str(len(pods)) for p in pods)
 
 
@@ -270,15 +270,14 @@ def test_jobset_runs_the_gpu_pretrain_pod():
     (job,) = jobs_of(jobset)
     pod = make_pod(jobset_objects, job, 1, annotations={"jobset.sigs.k8s.io/coordinator": coordinator_address})
     assert pod.env["GPTRAIN_MASTER_ADDR"] == coordinator_address
-    assert f"--rdzv-endpoint={coordinator_address}:29500" in pod.argv
+    assert f"--master-addr={coordinator_address}" in pod.argv and "--node-rank=1" in pod.argv
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_rendered_commands_parse_as_gptrain_commands(kustomization):
-    """Each pod's command line, as the kubelet would expand it, is accepted by the real CLIs:
-    torchrun's parser where torchrun launches, and gptrain's for the gptrain part."""
-    from torch.distributed.run import get_args_parser
-
+    """Each pod's command line, as the kubelet would expand it, is gptrain under the image's init
+    and is accepted by gptrain's parser, and so is the command `gptrain launch` starts in each
+    worker."""
     from gptrain.cli import build_parser
 
     objects = render(kustomization)
@@ -286,13 +285,10 @@ def test_rendered_commands_parse_as_gptrain_commands(kustomization):
     for workload in workloads(objects):
         for job in jobs_of(workload):
             index = 0 if job["spec"].get("completionMode") == "Indexed" else None
-            argv = make_pod(objects, job, index, annotations={"jobset.sigs.k8s.io/coordinator": "rank0.svc"}).argv
-            if argv[0] == "torchrun":
-                launch = get_args_parser().parse_args(argv[1:])
-                assert launch.no_python and launch.training_script == "gptrain"
-                assert launch.rdzv_backend == "c10d" and launch.max_restarts >= 1
-                argv = [launch.training_script, *launch.training_script_args]
-            assert argv[0] == "gptrain"
+            pod = make_pod(objects, job, index, annotations={"jobset.sigs.k8s.io/coordinator": "rank0.svc"})
+            argv = pod.gptrain_argv  # under the image's init, tini
+            if argv[1] == "launch":
+                argv = ["gptrain", *build_parser().parse_args(argv[1:]).worker_command[1:]]
             args = build_parser().parse_args(argv[1:])
             subcommand = getattr(args, "data_command", None) or getattr(args, "sweep_command", None)
             commands[stage(workload)] = " ".join(filter(None, [args.command, subcommand]))
@@ -380,6 +376,8 @@ def test_pods_meet_the_restricted_pod_security_profile(kustomization):
             assert pod["securityContext"]["runAsNonRoot"] is True, where
             assert pod["securityContext"]["runAsUser"] > 0, where
             assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            # A volume already owned by the pods' group is not walked at every start.
+            assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", where
             assert pod["automountServiceAccountToken"] is False, where
             assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
             assert not any("hostPath" in v for v in pod["volumes"]), where
@@ -411,7 +409,9 @@ def test_gpu_overlays_train_on_gpus_and_cpu_smoke_uses_none():
             shm = [v for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
             assert [m["mountPath"] for m in container["volumeMounts"] if m["name"] == shm[0]["name"]] == ["/dev/shm"]
             if stage(workload) == "pretrain":
-                assert env_entry(container, "GPTRAIN_PROCS_PER_NODE")["value"] == "gpu"  # one worker per GPU
+                assert env_entry(container, "GPTRAIN_PROCS_PER_NODE")["value"] == "gpu"  # one rank per GPU
+                for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TORCH_FR_DUMP_TEMP_FILE"):
+                    assert env_entry(container, name)["value"], name
     smoke = yaml.safe_dump(render("overlays/cpu-smoke"))
     assert "nvidia.com" not in smoke
 
@@ -522,10 +522,10 @@ def test_cpu_smoke_pretrain_pods_train_with_world_size_2_and_resume_after_preemp
     for proc, _ in started:
         proc.send_signal(signal.SIGTERM)
     preempted = smoke_pods.wait(started)
-    assert [status for status, _ in preempted] == [preempted_exit_code()] * 2, preempted[0][1][-3000:]
+    assert [status for status, _ in preempted] == [EXIT_PREEMPTED] * 2, preempted[0][1][-3000:]
     # The Job controller replaces such pods without counting a failure; the replacements
     # (same indexes, same command) resume from the preemption checkpoint and finish.
-    assert pod_failure_action(job, {"gptrain": preempted_exit_code()}) == "Ignore"
+    assert pod_failure_action(job, {"gptrain": EXIT_PREEMPTED}) == "Ignore"
     logs = smoke_pods.run_job("pretrain", pretrain_network)
 
     committed = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")
@@ -540,3 +540,87 @@ def test_cpu_smoke_pretrain_pods_train_with_world_size_2_and_resume_after_preemp
     assert last["step"] == max_steps
     assert last["tokens_seen"] == max_steps * world_size * train["micro_batch_size"] * config["model"]["context_length"]
     assert f"{world_size} rank(s) on cpu" in logs[0]
+
+
+def _newest_commit(run_dir: Path) -> int:
+    from gptrain.checkpoint import commit as commits
+
+    committed = commits.committed(str(run_dir))
+    return committed[-1].step if committed else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kustomization", ["overlays/gpu"])
+def test_gpu_pretrain_pods_keep_the_exit_status_contract_and_restart_as_a_gang(
+    kustomization, smoke_pods, pretrain_network, tmp_path
+):
+    """The gpu overlay's pretrain pods (`gptrain launch` in each, node rank = pod index), run
+    here with CPU stand-ins: one CPU rank per pod instead of one per GPU, cpu/fp32, the
+    cpu-smoke run config checkpointing every 3 steps, the cpu-smoke dataset. Bad input: every
+    pod exits 2 and the JobSet fails. SIGTERM to both pods: 75, restart uncounted. A rank
+    SIGKILLed: both pods are gone within seconds, a counted gang restart. The restarted gang
+    resumes from the newest checkpoint and finishes. (The gpu-jobset overlay runs this same
+    pod template: test_jobset_runs_the_gpu_pretrain_pod.) The data comes from the cpu-smoke
+    data Jobs, on a volume instead of S3."""
+    smoke_config = yaml.safe_load(one(smoke_pods.objects, "ConfigMap", make_pod(
+        smoke_pods.objects, one(smoke_pods.objects, "Job", "pretrain"), 0).mounts["/etc/gptrain"]["configMap"]["name"]
+    )["data"]["run.yaml"])
+    smoke_config["checkpoint"]["every"] = 3
+    objects = cpu_stand_in(render(kustomization), yaml.safe_dump(smoke_config))
+    pods = LocalPods(objects, tmp_path, {"GPTRAIN_DATASET": "/data/dataset", "GPTRAIN_RUN_DIR": "/data/runs/gpu"})
+    claim = tmp_path / "claims" / "gptrain-data"
+    claim.mkdir(parents=True)
+    (claim / "dataset").symlink_to(smoke_location(smoke_pods, "GPTRAIN_DATASET"))
+    run_dir = claim / "runs" / "gpu"
+    job = one(objects, "Job", "pretrain")
+    jobset = one(render("overlays/gpu-jobset"), "JobSet", "pretrain")
+    max_steps = smoke_config["train"]["max_steps"]
+
+    def gang(extra_args: tuple[str, ...] = ()) -> list:
+        started = copy.deepcopy(job)
+        started["spec"]["template"]["spec"]["containers"][0]["args"] += list(extra_args)
+        return [pods.start(started, index, pretrain_network) for index in range(job["spec"]["completions"])]
+
+    try:
+        # Bad input: every pod exits 2, and nothing restarts it.
+        statuses = [status for status, _ in pods.wait(gang(("optim.lr=fast",)))]
+        assert statuses == [EXIT_BAD_INPUT] * 2
+        assert pod_failure_action(job, {"gptrain": EXIT_BAD_INPUT}) == "FailJob"
+        assert jobset_failure_action(jobset, {"gptrain": EXIT_BAD_INPUT}) == "FailJobSet"
+
+        # The kubelet's SIGTERM (eviction, preemption, deletion) to both pods: the launchers pass
+        # it on, the ranks checkpoint and every pod exits 75: restarted, not counted.
+        started = gang()
+        wait_for_file(run_dir / "checkpoints" / "step-3" / "commit.json", started)
+        for proc, _ in started:
+            proc.send_signal(signal.SIGTERM)
+        results = pods.wait(started)
+        assert [status for status, _ in results] == [EXIT_PREEMPTED] * 2, results[0][1][-3000:]
+        stopped = _newest_commit(run_dir)
+        assert 3 <= stopped < max_steps and f"preempted by SIGTERM at step {stopped}" in results[0][1]
+        assert pod_failure_action(job, {"gptrain": EXIT_PREEMPTED}) == "Ignore"
+        assert jobset_failure_action(jobset, {"gptrain": EXIT_PREEMPTED}) == "RestartJobSetAndIgnoreMaxRestarts"
+
+        # A rank SIGKILLed mid-training (pod 1's): its launcher exits with the rank's status, and
+        # pod 0's rank loses its peer in the next collective: both pods are gone at once.
+        started = gang()
+        wait_for_file(run_dir / "checkpoints" / f"step-{(stopped // 3 + 1) * 3}" / "commit.json", started)
+        (rank1,) = launched_workers(started[1][0].pid).values()
+        killed_at = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        results = pods.wait(started, timeout=60)
+        gone_s = time.monotonic() - killed_at
+        print(f"k8s gpu pods: rank 1 SIGKILLed; both pods (launchers and ranks) gone {gone_s:.2f} s later")
+        statuses = [status for status, _ in results]
+        assert statuses[1] == 137 and statuses[0] not in (0, EXIT_PREEMPTED, EXIT_BAD_INPUT), results[0][1][-3000:]
+        assert not is_running(rank1) and gone_s < 60
+        assert all(pod_failure_action(job, {"gptrain": s}) == "Count" for s in statuses)  # every index retried
+        assert jobset_failure_action(jobset, {"gptrain": 137}) == "RestartJobSet"  # counted
+
+        # The restarted gang resumes from the newest committed checkpoint and finishes.
+        newest = _newest_commit(run_dir)
+        logs = [text for status, text in pods.wait(gang()) if status == 0 or pytest.fail(text[-3000:])]
+        assert f"resumed from {run_dir}/checkpoints/step-{newest} at step {newest}" in logs[0]
+        assert _newest_commit(run_dir) == max_steps
+    finally:
+        pods.stop()

@@ -38,7 +38,6 @@ import pytest
 
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-PREEMPTED = 75  # gptrain.checkpoint.preemption.PREEMPTED_EXIT_CODE
 
 # ---------------------------------------------------------------------------------------------
 # The worker.
@@ -110,6 +109,7 @@ from checkpoint_fixtures import TINY_MODEL, prepare_dataset, same_weights  # noq
 from conftest import clean_env, is_running, stop_session  # noqa: E402
 from gptrain.checkpoint import commit as commits  # noqa: E402
 from gptrain.checkpoint.export import load_model_from_checkpoint  # noqa: E402
+from gptrain.errors import EXIT_PREEMPTED  # noqa: E402
 from gptrain.train.logger import read_metrics  # noqa: E402
 
 STEPS = 16  # one process: 4 windows a step (2 x 2 accumulation) of 45 per epoch: crosses an epoch
@@ -259,7 +259,7 @@ def test_sigterm_mid_epoch_then_rerun_reproduces_every_loss_and_the_weights(tmp_
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "config.yaml", data, str(run_dir), logging={"wandb": True})
     log = tmp_path / "log.txt"
-    assert stop_with(signal.SIGTERM, config, run_dir, after_steps=5, log=log) == PREEMPTED
+    assert stop_with(signal.SIGTERM, config, run_dir, after_steps=5, log=log) == EXIT_PREEMPTED
     text = log.read_text()
     stopped = re.search(r"preempted by SIGTERM at step (\d+): checkpoint committed ([\d.]+) s after the signal", text)
     assert stopped, text[-3000:]
@@ -374,7 +374,7 @@ def test_s3_run_directory_stops_and_resumes_exactly(s3_bucket, tmp_path, data, s
     proc = start(config, "--step-delay", "0.1", log=log)
     wait_for(lambda: len(commits.committed(run_dir)) >= 1, running(proc), what="a checkpoint on S3", every=0.2)
     proc.send_signal(signal.SIGTERM)
-    assert finish(proc) == PREEMPTED, log.read_text()[-3000:]
+    assert finish(proc) == EXIT_PREEMPTED, log.read_text()[-3000:]
     run(config, log=log)
     assert re.search(rf"resumed from {run_dir}/checkpoints/step-\d+", log.read_text())
     final = load_model_from_checkpoint(run_dir)

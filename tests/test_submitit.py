@@ -1,6 +1,7 @@
 """jobs/ (submitit) on the real Slurm cluster of tests/slurm_cluster.py, and on submitit's local
 cluster: preprocess as a map_array plus a dependent finalize job, pretraining on 2 nodes x 2
-tasks chained after it and interrupted half way (it resumes and completes), a sweep as a
+tasks (under srun --kill-on-bad-exit) chained after it and interrupted half way (every rank
+checkpoints, rank 0 requeues while the others wait, it resumes and completes), a sweep as a
 map_array."""
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import submitit
 
 from gptrain.errors import GptrainError
 from gptrain.train.logger import read_metrics
+from gptrain.checkpoint import commit as commits
 from jobs import Resources, submit_preprocess, submit_pretrain, submit_sweep
+from jobs.resources import make_executor
 from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401 (a fixture)
 
 BOOKS = "11,35,41,46,74,1080"  # three odd and three even ids: each of two tasks gets books
@@ -34,6 +37,12 @@ def test_resources_refuse_bad_values() -> None:
         "account": "proj", "qos": "high",
     }
     assert Resources(nodes=2, tasks_per_node=4).single_process() == Resources()
+    with pytest.raises(GptrainError, match="max_num_timeout=-1 must be >= 0"):
+        Resources(max_num_timeout=-1)
+    # Multi-day runs: many more time-limit requeues than submitit's default 3; fail fast.
+    executor = make_executor("slurm", "unused/%j", Resources(), "name")
+    assert executor._executor.max_num_timeout == Resources().max_num_timeout == 100
+    assert executor._executor.parameters["srun_args"] == ["--kill-on-bad-exit=1"]
 
 
 @pytest.fixture
@@ -98,7 +107,7 @@ def chain(slurm_cluster: SlurmCluster, mirror_dir: Path, tmp_path_factory) -> di
         )
         (record,) = slurm_cluster.jobs(pretrain.job_id)
     return {"work": work, "folder": folder, "array": array, "finalize": finalize_job, "pretrain": pretrain,
-            "pretrain_dependency": record["Dependency"]}
+            "pretrain_dependency": record["Dependency"], "pretrain_kill_on_invalid_dep": record["KillOInInvalidDependent"]}
 
 
 @pytest.mark.slow
@@ -115,13 +124,16 @@ def test_preprocess_map_array_then_finalize(chain: dict, on_cluster: SlurmCluste
 @pytest.mark.slow
 def test_pretrain_interrupted_resumes_and_completes(chain: dict, on_cluster: SlurmCluster) -> None:
     """job._interrupt() signals a preemption (SIGTERM, then submitit's USR2); with a 60-minute
-    limit submitit counts it as one, not as a timeout. The trainer saves a checkpoint, submitit
-    requeues the job, and the rerun resumes from it."""
+    limit submitit counts it as one, not as a timeout. Every rank saves its part of the
+    checkpoint; rank 0 has submitit requeue the job while the others wait (under srun
+    --kill-on-bad-exit, a rank leaving first would have ended rank 0 before the requeue), and
+    the rerun resumes from it."""
     job, run_dir = chain["pretrain"], chain["work"] / "run"
     # Submitted while preprocessing ran: it waited for finalize (or the dependency was met by then).
     assert chain["pretrain_dependency"].startswith(f"afterok:{chain['finalize'].job_id}") or (
         chain["pretrain_dependency"] == "(null)"
     )
+    assert chain["pretrain_kill_on_invalid_dep"] == "Yes"  # cancelled, not pending forever, if finalize fails
     deadline = time.monotonic() + 240
     while not _trained_steps(run_dir) or max(_trained_steps(run_dir)) < 4:
         assert time.monotonic() < deadline, f"no training progress in {run_dir}:\n{job.stderr()}"
@@ -138,6 +150,8 @@ def test_pretrain_interrupted_resumes_and_completes(chain: dict, on_cluster: Slu
     (stopped,) = re.findall(r"preempted by SIG\S+ at step (\d+): checkpoint committed", log)
     (resumed,) = re.findall(r"resumed from \S+ at step (\d+)", log)  # rank 0 logs both
     assert 4 <= int(stopped) == int(resumed) < STEPS
+    (preempted,) = [c for c in commits.committed(str(run_dir)) if c.step == int(stopped)]
+    assert preempted.world_size == 4  # all four ranks wrote their shards
     assert _trained_steps(run_dir) == list(range(1, STEPS + 1))
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from gptrain.cli import main as gptrain_main
 from gptrain.config import load_config
-from gptrain.errors import GptrainError
+from gptrain.errors import EXIT_PREEMPTED, GptrainError
 from gptrain.sweep.plan import load_plan, make_plan, open_sweep
 from gptrain.sweep.spec import load_spec, parse_spec
 from train_fixtures import gutenberg_dataset  # noqa: F401 (a fixture)
@@ -338,7 +338,7 @@ def test_killed_and_preempted_trials_resume_to_the_uninterrupted_losses(debug_sw
             assert marker.exists(), (tmp_path / f"trial-{index}.log").read_text()[-3000:]
             procs[index].send_signal(signum)
         assert procs[3].wait(60) == -signal.SIGKILL
-        assert procs[2].wait(60) == 75, (tmp_path / "trial-2.log").read_text()[-3000:]
+        assert procs[2].wait(60) == EXIT_PREEMPTED, (tmp_path / "trial-2.log").read_text()[-3000:]
     finally:
         for index, proc in procs.items():
             proc.kill()

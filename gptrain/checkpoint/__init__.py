@@ -3,7 +3,7 @@
     commit.py        RUN_DIR/checkpoints/step-<N>/ folders, commit markers, latest, retention
     store.py         what a checkpoint holds; writing/reading it with torch.distributed.checkpoint
     checkpointer.py  the trainer's checkpointer: periodic/async/final saves and resuming
-    preemption.py    SIGTERM/SIGUSR1/SIGUSR2 -> agree at a step boundary -> save -> exit/requeue
+    preemption.py    SIGTERM/SIGUSR1/SIGUSR2 -> agree at a step boundary -> save -> exit 75
     export.py        `gptrain export`: a checkpoint as an HF-layout safetensors folder
 
 Nothing is imported here, so `gptrain --help` (which imports export.py for its parser) stays

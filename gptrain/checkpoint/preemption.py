@@ -2,40 +2,63 @@
 
 Clusters warn a job before they kill it: Slurm sends SIGTERM on preemption or scancel (and
 whatever `--signal=[B:]SIG@SECONDS` names, usually SIGUSR1/SIGUSR2, ahead of the time
-limit); Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds; torchrun forwards
-the SIGTERM it gets to its workers. The handler only records which signal arrived and when:
-a signal can land anywhere (inside a collective, half way through an optimizer step), so no
-work may happen there. At the next step boundary every rank calls `agree()`, an all-reduce,
-so all ranks stop at the same step even if only some of them were signalled; the trainer
-then saves synchronously and exits with PREEMPTED_EXIT_CODE.
+limit); Kubernetes sends SIGTERM and waits terminationGracePeriodSeconds; `gptrain launch`
+passes the signals it gets on to its workers. The handler only records which signal arrived
+and when: a signal can land anywhere (inside a collective, half way through an optimizer
+step), so no work may happen there. At the next step boundary every rank calls `agree()`, an
+all-reduce, so all ranks stop at the same step even if only some of them were signalled; the
+trainer then saves synchronously and exits with gptrain.errors.EXIT_PREEMPTED (75).
 
-Requeue: under Slurm, `scontrol requeue $SLURM_JOB_ID` puts the job back in the queue; its
-rerun resumes from the checkpoint (checkpoint.resume: auto). With checkpoint.requeue=auto
-that happens for SIGUSR1/SIGUSR2, the time-limit warning, and not for SIGTERM: that comes
-from scancel (the user wants the job gone) or from Slurm preempting it, and Slurm requeues
-preempted jobs itself when its PreemptMode says so.
+A training command records these signals from its start (`preemption_signals_recorded`, used
+by gptrain.cli): one that comes while the process imports, loads data or resumes a checkpoint
+is acted on at the first step boundary instead of killing it.
+
+What happens next is the scheduler's: the Slurm batch scripts requeue the job on 75 (from the
+batch shell, so images need no Slurm client), submitit requeues its jobs, Kubernetes starts
+the pods again; the rerun resumes from the checkpoint (checkpoint.resume: auto).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+import contextlib
 import signal
-import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from gptrain.distributed import all_reduce_sum, is_main
+from gptrain.distributed import all_reduce_sum
 
-log = logging.getLogger("gptrain.checkpoint")
-
-# EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry". Launchers
-# and job scripts can tell "stopped early, resumable" apart from success (0) and errors.
-PREEMPTED_EXIT_CODE = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+# Signals that came before training started, kept for the PreemptionHandler that takes over.
+_received_early: dict[signal.Signals, float] = {}
+
+
+@contextlib.contextmanager
+def preemption_signals_recorded(restore: bool = True) -> Iterator[None]:
+    """For the whole of a training command: a preemption signal is recorded instead of ending
+    the process (their default action), and the trainer acts on it at its first step boundary.
+
+    This also lets each rank end with its own status when a launcher stops the others because
+    one failed (srun --kill-on-bad-exit sends SIGTERM): the others get to their own error
+    (the same bad config: status 2), or to a lost peer (a crash), instead of dying by the signal,
+    whose status would hide the first rank's from the scheduler. For that, a process that ends
+    with the command (`restore=False`) ignores them once the command is done: Python's shutdown,
+    which may take seconds, drops handlers written in Python but leaves ignored signals ignored.
+    """
+    previous = {signum: signal.signal(signum, _record_early) for signum in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if restore else signal.SIG_IGN)
+        _received_early.clear()
+
+
+def _record_early(signum: int, frame) -> None:
+    _received_early.setdefault(signal.Signals(signum), time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,8 @@ class PreemptionHandler:
     def __enter__(self) -> PreemptionHandler:
         for signum in PREEMPTION_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._record)
+        self._received.update(_received_early)  # those that came while the process started
+        _received_early.clear()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,29 +109,3 @@ class PreemptionHandler:
             return None
         received_at = min(self._received.values()) if self._received else time.monotonic()
         return Preemption(signals=signals, received_at=received_at)
-
-
-def should_requeue(preemption: Preemption, setting: bool | Literal["auto"], environ=os.environ) -> bool:
-    """Whether to requeue the Slurm job after the preemption save (see the module docstring)."""
-    if "SLURM_JOB_ID" not in environ or setting is False:
-        return False
-    if setting is True:
-        return True
-    return signal.SIGTERM not in preemption.signals
-
-
-def requeue_slurm_job(environ=os.environ) -> bool:
-    """`scontrol requeue $SLURM_JOB_ID`, from rank 0 only (once per job). True if it worked."""
-    if not is_main():
-        return False
-    job_id = environ["SLURM_JOB_ID"]
-    try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.error("could not requeue Slurm job %s: %s", job_id, err)
-        return False
-    if result.returncode != 0:
-        log.error("scontrol requeue %s failed (exit %d): %s", job_id, result.returncode, result.stderr.strip())
-        return False
-    log.info("requeued Slurm job %s: its rerun resumes from the checkpoint", job_id)
-    return True

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--task-index", type=int,
                          help="this task's index in a job array (default: SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX)")
     prepare.add_argument("--num-tasks", type=int,
-                         help="tasks in the job array (default: SLURM_ARRAY_TASK_COUNT or GPTRAIN_NUM_TASKS)")
+                         help="tasks in the job array (default: GPTRAIN_NUM_TASKS, or a whole Slurm array's count)")
     prepare.add_argument("--no-finalize", action="store_true",
                          help="do not write DATASET/manifest.json even when every task has finished")
     prepare.set_defaults(func=run_prepare_command)

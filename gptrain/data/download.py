@@ -80,7 +80,7 @@ class DownloadConfig:
     limit: int | None = None  # the first N selected books by id (before the array split)
     ids: tuple[int, ...] | None = None  # only these books
     task_index: int | None = None  # None: from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX
-    num_tasks: int | None = None  # None: from SLURM_ARRAY_TASK_COUNT / GPTRAIN_NUM_TASKS
+    num_tasks: int | None = None  # None: GPTRAIN_NUM_TASKS, or a whole Slurm array's count
     concurrency: int = 4  # requests in flight at once
     rate: float | None = None  # requests started per second by this task, retries included; 0 = no limit
     retries: int = 5  # further attempts after a timeout, connection error, 5xx or 429
@@ -393,7 +393,7 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
                         help="this task's index in a job array "
                         "(default: SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX)")
     parser.add_argument("--num-tasks", type=int,
-                        help="tasks in the job array (default: SLURM_ARRAY_TASK_COUNT or GPTRAIN_NUM_TASKS)")
+                        help="tasks in the job array (default: GPTRAIN_NUM_TASKS, or a whole Slurm array's count)")
     parser.add_argument("--concurrency", type=int, default=DownloadConfig.concurrency,
                         help="requests in flight (default: %(default)s)")
     parser.add_argument("--rate", type=float,

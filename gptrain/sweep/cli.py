@@ -10,11 +10,10 @@ overrides apply to every trial's config. Every task of one sweep must get the sa
 overrides: the sweep folder refuses a plan that differs from the one it holds.
 
 Job arrays: without --index, the trial is the array task's index (gptrain.array_task: Slurm's
-SLURM_ARRAY_TASK_ID counted from the array's first id, so submit --array=0-(N-1)%K; a
-Kubernetes Indexed Job's JOB_COMPLETION_INDEX). Launchers that may submit a subset of the
-trials (e.g. --array=3,7 to rerun two) should pass --index "$SLURM_ARRAY_TASK_ID".
-`gptrain sweep plan SPEC --count` prints N. Exit status of run: 0 trained or already done,
-75 preempted (checkpoint saved; rerun to resume), 2 bad input.
+SLURM_ARRAY_TASK_ID, so --array=0-(N-1)%K runs every trial and --array=3,7 reruns two; a
+Kubernetes Indexed Job's JOB_COMPLETION_INDEX). `gptrain sweep plan SPEC --count` prints N.
+Exit status of run (gptrain.errors): 0 trained or already done, 75 preempted (checkpoint
+saved; rerun to resume), 2 bad input, anything else a crash.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument("--index", type=int, metavar="I",
                        help="the trial to run; default: the job array task's index (0 outside arrays)")
     which.add_argument("--all", action="store_true", help="run every trial in turn in this process")
-    run.set_defaults(func=run_command)
+    run.set_defaults(func=run_command, trains=True)
 
     report = commands.add_parser("report", help="tables, plots and the best config of a sweep folder")
     report.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep folder or URL")

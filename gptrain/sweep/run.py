@@ -1,7 +1,7 @@
 """Running one trial of a sweep: skip it when done, else train it (resuming from its checkpoint).
 
 The trainer runs in this process, so a trial behaves exactly like `gptrain train`: under
-torchrun every rank runs it, preemption signals lead to a checkpoint and the preempted exit
+a launcher every rank runs it, preemption signals lead to a checkpoint and the preempted exit
 status, and a rerun of a trial whose folder holds checkpoints resumes from the newest
 (checkpoint.resume: auto).
 
@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from gptrain import storage
-from gptrain.errors import GptrainError
+from gptrain.errors import EXIT_OK, EXIT_PREEMPTED, GptrainError
 from gptrain.sweep.plan import SweepPlan, Trial
 
 log = logging.getLogger("gptrain.sweep")
@@ -40,7 +40,6 @@ def read_trial_record(plan: SweepPlan, trial: Trial) -> dict[str, Any] | None:
 
 def run_trial(plan: SweepPlan, index: int) -> int:
     """Train trial `index` unless it is done; returns the process exit status."""
-    from gptrain.checkpoint.preemption import PREEMPTED_EXIT_CODE
     from gptrain.distributed import is_main
     from gptrain.train.trainer import train
 
@@ -80,10 +79,10 @@ def run_trial(plan: SweepPlan, index: int) -> int:
     if summary.get("preempted"):
         finish("preempted", summary=summary)
         log.info("trial %d (%s) preempted at step %d: rerun it to resume", index, trial.id, summary["steps"])
-        return PREEMPTED_EXIT_CODE
+        return EXIT_PREEMPTED
     finish("done", summary=summary)
     log.info("trial %d (%s) done: validation loss %s", index, trial.id, summary.get("val_loss"))
-    return 0
+    return EXIT_OK
 
 
 def run_all(plan: SweepPlan) -> int:

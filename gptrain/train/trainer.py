@@ -14,7 +14,7 @@ All state that changes while training lives in `TrainState`, so saving and resum
 means saving and restoring that object (and the RNG states): gptrain.checkpoint does both.
 Rerunning the same command with the same train.run_dir resumes from the newest committed
 checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the ranks stop together at a step boundary, save, and
-the process exits with PREEMPTED_EXIT_CODE (75).
+the process exits with gptrain.errors.EXIT_PREEMPTED (75).
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from torch import nn
 
 from gptrain import storage
 from gptrain.checkpoint.checkpointer import Checkpointer
-from gptrain.checkpoint.preemption import Preemption, PreemptionHandler, requeue_slurm_job, should_requeue
+from gptrain.checkpoint.preemption import Preemption, PreemptionHandler
 from gptrain.config import RunConfig, lr_at
 from gptrain.data.loader import TokenDataset, TokenLoader
-from gptrain.distributed import DistEnv, all_reduce_mean, broadcast_object, destroy_distributed, init_distributed
+from gptrain.distributed import (
+    DistEnv, all_reduce_mean, barrier, broadcast_object, destroy_distributed, init_distributed,
+)
 from gptrain.errors import GptrainError
 from gptrain.models.config import ModelConfig
 from gptrain.models.transformer import Transformer, count_parameters
@@ -57,7 +59,9 @@ class TrainState:
 
 def train(config: RunConfig) -> dict[str, Any]:
     """Run one training (this process's rank of it); returns the final summary."""
-    env = init_distributed(config.train.resolved_device())
+    env = init_distributed(
+        config.train.resolved_device(), init_timeout_s=config.comm.init_timeout_s, timeout_s=config.comm.timeout_s
+    )
     try:
         return Trainer(config, env).fit()
     finally:
@@ -174,16 +178,17 @@ class Trainer:
         return self.finish(time.perf_counter() - start)
 
     def stop_preempted(self, preemption: Preemption, elapsed_s: float) -> dict[str, Any]:
-        """Save synchronously (the process ends next), requeue the Slurm job if that is
-        configured or appropriate, and finish; the summary says `preempted`."""
+        """Save synchronously (the process ends next) and finish; the summary says `preempted`."""
         self.checkpointer.save(self.state, blocking=True)
         self.checkpointer.close()
+        # Rank 0 writes the commit marker after the others are done writing: every rank waits
+        # for it here, as launchers that stop all ranks when one exits with a status other than
+        # 0 (srun --kill-on-bad-exit) would otherwise stop rank 0 mid-commit.
+        barrier()
         self.logger.info(
             f"preempted by {preemption.describe()} at step {self.state.step}: checkpoint committed "
             f"{preemption.seconds_since_signal():.2f} s after the signal"
         )
-        if should_requeue(preemption, self.config.checkpoint.requeue):
-            requeue_slurm_job()
         return self.finish(elapsed_s, preempted=True)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -93,8 +93,8 @@ done
 
 # 5. Daemons. nsenter rather than `ip netns exec`, which remounts /sys, and slurmd then fails
 #    with "No filesystem mounted on /sys/fs/cgroup". Each slurmd gets a private mount namespace
-#    whose /etc/hosts maps the node names to 127.0.0.1: jobs inherit it, so torchrun and
-#    torch.distributed reach "n1" (the host's /etc/hosts is not touched).
+#    whose /etc/hosts maps the node names to 127.0.0.1: jobs inherit it, so that
+#    torch.distributed reaches "n1" (the host's /etc/hosts is not touched).
 (cat /etc/hosts; echo "127.0.0.1 $NODES") >"$ST/hosts"
 start slurmctld slurmctld -D
 for node in $NODES; do
