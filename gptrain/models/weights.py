@@ -125,8 +125,8 @@ def save_hf_pretrained(model: Transformer, out_dir: str, max_shard_bytes: int = 
     ]
     weight_map, total_bytes = {}, 0
     for file, shard in zip(names, shards):
-        tensors = [(part.name, state[dest], functools.partial(_split_out, state[dest], row, part), part.shape)
-                   for dest, row, part in shard]
+        tensors = [(part.name, state[dest], functools.partial(_split_out, state[dest], row, part, copy=False),
+                    part.shape) for dest, row, part in shard]
         storage.write_file_atomic(storage.join(out_dir, file), functools.partial(_write_safetensors, tensors))
         weight_map |= dict.fromkeys((name for name, *_ in tensors), file)
         total_bytes += sum(source.element_size() * math.prod(shape) for _, source, _, shape in tensors)
@@ -411,12 +411,14 @@ def _placed_parts(plan: Plan) -> Iterator[tuple[str, int, Part]]:
             row += part.rows
 
 
-def _split_out(tensor: torch.Tensor, row: int, part: Part) -> torch.Tensor:
+def _split_out(tensor: torch.Tensor, row: int, part: Part, copy: bool = True) -> torch.Tensor:
     if part.rope_heads:
         raise GptrainError("writing Meta's interleaved-RoPE layout is not supported; export the HF layout")
     piece = tensor[row:row + part.rows]
-    # A contiguous CPU copy of its own: safetensors refuses tensors that share memory.
-    return (piece.t() if part.transposed else piece).to("cpu", memory_format=torch.contiguous_format, copy=True)
+    # A contiguous CPU copy of its own (safetensors' writers refuse tensors that share memory);
+    # `copy=False` (gptrain's own writer): a copy only where the piece is not contiguous on the CPU.
+    piece = (piece.t() if part.transposed else piece).to("cpu")
+    return piece.clone(memory_format=torch.contiguous_format) if copy else piece.contiguous()
 
 
 def _shard(plan: Plan, state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[tuple[str, int, Part]]]:

@@ -25,7 +25,8 @@ All wrapping happens here (as in torchtitan's `parallelize` module), in this ord
          computes in bf16 from the fp32 master shards (no autocast). With
          `train.fsdp_shard_size=k` < N the mesh is 2-D (HSDP): sharded over k ranks,
          replicated over N/k groups, whose gradients are averaged after the reduce-scatter.
-         One process has nothing to shard and trains like ddp.
+         A process without a process group (`gptrain train` alone) trains unsharded, as with
+         ddp; one rank of a process group (a 1-GPU benchmark) runs FSDP over itself.
 
 Accumulation: micro-batches before the last skip the gradient reduction (DDP's `no_sync`;
 FSDP's `set_requires_gradient_sync(False)`, which accumulates unsharded fp32 gradients until
@@ -70,21 +71,34 @@ class Parallelized:
         """Scale the gradients so that their global norm is at most `max_norm`; returns the norm
         before scaling (fp32, the same on every rank).
 
-        The norm is accumulated in fp64 (each tensor cast in turn), so it comes out the same
-        whether the gradients are whole (ddp) or sharded (fsdp: each rank's shards give partial
-        sums, which full_tensor() adds up over the ranks): in fp32 the two orders of summation
-        differ in the last bit, and AdamW magnifies a clipping factor that differs by one bit
-        into weight differences of ~1e-5 within 20 steps."""
-        from torch.distributed.tensor import DTensor
+        The squares are summed in fp64, a few million elements at a time, each rank over what it
+        holds; under fsdp the ranks that share out a parameter then add up their sums. So the
+        norm comes out the same whether the gradients are whole (ddp) or sharded (fsdp): in fp32
+        the two orders of summation differ in the last bit, and AdamW magnifies a clipping
+        factor one bit apart into weight differences of ~1e-5 within 20 steps. (fp64 of a whole
+        tensor at once would cost twice its size in memory; a chunk costs 64 MB at most.)"""
+        from torch.distributed.tensor import DTensor, Partial, Replicate
 
         parameters = [p for p in parameters if p.grad is not None]
-        norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in parameters]
-        total_norm = torch.linalg.vector_norm(torch.stack(norms))
-        if isinstance(total_norm, DTensor):
-            total_norm = total_norm.full_tensor()
-        total_norm = total_norm.float()
+        if not parameters:
+            return torch.zeros(())
+        squares = torch.zeros((), dtype=torch.float64, device=parameters[0].grad.device)
+        sharded = None
+        for param in parameters:
+            grad = param.grad
+            if isinstance(grad, DTensor):
+                sharded, grad = grad, grad.to_local()
+            for chunk in grad.flatten().split(_NORM_CHUNK):
+                squares += chunk.double().square().sum()
+        if sharded is not None:  # a sum over the shard dimension of the mesh (not over replicas)
+            placements = [Partial() if p.is_shard() else Replicate() for p in sharded.placements]
+            squares = DTensor.from_local(squares, sharded.device_mesh, placements).full_tensor()
+        total_norm = squares.sqrt().float()
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
         return total_norm
+
+
+_NORM_CHUNK = 1 << 22  # elements summed in fp64 at a time
 
 
 def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: torch.device) -> Parallelized:
@@ -94,7 +108,7 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
     if train.activation_checkpointing != "none":
         apply_activation_checkpointing(model, train.activation_checkpointing)
     checkpointing = f"activation checkpointing {train.activation_checkpointing}"
-    if train.parallelism == "fsdp" and env.world_size > 1:
+    if train.parallelism == "fsdp" and _has_process_group():
         if train.compile:
             for block in model.blocks:
                 block.compile()  # in place: the block keeps its name, FSDP wraps the compiled module
@@ -119,6 +133,12 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
         wrapped, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
     )
     return Parallelized(ddp, autocast, f"ddp over {env.world_size} ranks; {checkpointing}", no_sync=ddp.no_sync)
+
+
+def _has_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def shard_model(model: Transformer, config: RunConfig, env: DistEnv, device: torch.device, bf16: bool) -> str:
