@@ -15,7 +15,7 @@ of the parameters, gradients and AdamW moments it holds (its shards under fsdp).
 The model is GPT-2 124M's width (d_model 768, 12 heads, the 50,257-token vocabulary) with 6
 of its 12 blocks, 81M parameters: 4 ddp ranks of it need about 8 GB, which is what the
 machine this was written on can spare. Training windows: 1 x 128 tokens (states dominate);
-the checkpointing runs use 4 x 512 on one rank (activations dominate).
+the checkpointing runs use 4 x 512 (activations dominate), on one rank and on two fsdp ranks.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gptrain-memory-bench-") as tmp:
         folder = Path(tmp)
         data = args.data or prepare_dataset(folder)
-        print(f"{'run':<28}{'ranks':>6}{'measured MiB':>14}{'plan MiB':>10}{'plan/meas.':>11}"
+        print(f"{'run':<34}{'ranks':>6}{'measured MiB':>14}{'plan MiB':>10}{'plan/meas.':>11}"
               f"{'held states MiB':>17}{'plan states MiB':>17}")
 
         def report(name: str, ranks: int, config: Path) -> None:
@@ -155,18 +155,19 @@ def main() -> int:
             measured = max(r["peak_above_start"] for r in results)
             held = max(r["held"] for r in results)
             plan = plan_memory(load_config(str(config)), ranks, "cpu")
-            print(f"{name:<28}{ranks:>6}{measured / MIB:>14.0f}{plan.total / MIB:>10.0f}"
+            print(f"{name:<34}{ranks:>6}{measured / MIB:>14.0f}{plan.total / MIB:>10.0f}"
                   f"{plan.total / measured:>11.2f}{held / MIB:>17.0f}{plan.states / MIB:>17.0f}", flush=True)
 
         for ranks in (1, 2, 4):
             for parallelism in ("ddp", "fsdp") if ranks > 1 else ("ddp",):
                 name = f"{parallelism}-{ranks}"
                 report(name, ranks, write_config(folder, name, data, args.layers, parallelism=parallelism))
-        for mode in ("none", "selective", "full"):
-            name = f"checkpointing-{mode}"
-            config = write_config(folder, name, data, args.layers, activation_checkpointing=mode,
-                                  micro_batch_size=4, context=512)
-            report(name, 1, config)
+        for ranks, parallelism in ((1, "ddp"), (2, "fsdp")):
+            for mode in ("none", "selective", "full"):
+                name = f"{parallelism}-{ranks}-checkpointing-{mode}"
+                config = write_config(folder, name, data, args.layers, parallelism=parallelism,
+                                      activation_checkpointing=mode, micro_batch_size=4, context=512)
+                report(name, ranks, config)
 
         model_bytes = 4 * load_config(str(folder / "fsdp-4.json")).model.resolve().num_parameters(include_padding=True)
         result = folder / "export.json"

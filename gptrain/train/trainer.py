@@ -126,7 +126,7 @@ class Trainer:
         )
         # Rank 0's W&B run id goes into every rank's checkpoint (they must all save the same).
         self.checkpointer.wandb_run_id = broadcast_object(self.logger.wandb_run_id)
-        self.tokenizer = None  # loaded on first use, on rank 0 only (it samples the text)
+        self.tokenizer = None  # loaded on first use by the ranks that sample text (rank 0; all under fsdp)
         # A resumed run's summary starts from its first evaluation, not the first since the resume.
         self.evals: list[dict[str, Any]] = [r for r in self.logger.records if r["kind"] == "eval"]
         self._window_start, self._window_tokens = time.perf_counter(), 0
