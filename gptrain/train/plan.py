@@ -13,19 +13,22 @@ rounded up):
   gradients      fp32: 4P (ddp), 4P/S (fsdp)
   optimizer      AdamW's two fp32 moments: 8P (ddp), 8P/S (fsdp) (an upper bound for GaLore)
   communication  ddp on several ranks: its all-reduce buckets, a second copy of the gradients
-                 (4P). fsdp: gathered parameters in the compute dtype (the root's for the
-                 whole step; one block and the prefetched next, or with
-                 train.fsdp_reshard_after_forward=false every block, from forward to
-                 backward), the root's unsharded gradients through the backward and one
-                 block's in compute and reduce (fp32) dtype; with grad_accum_steps > 1 the
-                 unsharded fp32 gradients of every parameter, accumulated without a
-                 reduce-scatter until the last micro-batch (4P).
+                 (4P). fsdp: gathered parameters in the compute dtype (the root's from the
+                 forward to the end of the backward; one block and the prefetched next, or
+                 with train.fsdp_reshard_after_forward=false every block, from forward to
+                 backward), in the backward the root's unsharded gradients and one block's in
+                 compute and reduce (fp32) dtype; with grad_accum_steps > 1 the unsharded fp32
+                 gradients of every parameter, accumulated without a reduce-scatter until the
+                 last micro-batch (4P).
   activations    per micro-batch of T = micro_batch_size x context_length tokens: the tensors
-                 each block keeps for its backward (below), the loss's (T x vocab log-softmax,
-                 fp32), plus the larger of two moments of the backward pass: the loss
-                 gradient (two T x vocab fp32 tensors) or one block's recomputation and its
-                 gradient (checkpointing). bf16 autocast (ddp) also keeps bf16 copies of the
-                 weights for the backward unless blocks are checkpointed.
+                 each block keeps for its backward (below), then at the first of the step's two
+                 peaks the loss's (a T x vocab fp32 log-softmax and its two T x vocab fp32
+                 gradients), at the second one block's recomputation (checkpointing) and
+                 gradient. bf16 autocast (ddp) also keeps bf16 copies of the weights for the
+                 backward unless blocks are checkpointed.
+
+The plan is the larger of the two peaks, communication and activations at that moment (fsdp's
+unsharded gradients exist only in the backward).
 
 What a block keeps, counted from the operations the eager model runs (e: compute-dtype
 bytes; r: the residual stream's, fp32 under autocast; d model width, q/kv the query and
@@ -144,19 +147,24 @@ def plan_memory(
     if sharded:
         # FSDP computes in bf16 throughout; autocast (ddp) keeps the residual stream in fp32.
         residual, weight_copies = compute, 0
-        gathered = compute * (counts.root + counts.block * (2 if train.fsdp_reshard_after_forward else mc.n_layers))
-        if train.grad_accum_steps > 1:
-            unsharded_grads = 4 * counts.total
-        else:
-            unsharded_grads = compute * counts.root + (compute + 4) * counts.block
-        communication = gathered + unsharded_grads
+        root = compute * counts.root  # gathered from the first forward to the end of the backward
+        blocks = compute * counts.block * (2 if train.fsdp_reshard_after_forward else mc.n_layers)
+        accumulated = 4 * counts.total if train.grad_accum_steps > 1 else 0
+        block_gradients = compute * counts.root + (compute + 4) * counts.block
+        at_loss = root + (0 if train.fsdp_reshard_after_forward else blocks) + accumulated
+        in_backward = root + blocks + (accumulated or block_gradients)
     else:
         residual = 4
-        communication = 4 * counts.total if world_size > 1 else 0
+        at_loss = in_backward = 4 * counts.total if world_size > 1 else 0  # DDP's buckets, always there
         # Autocast's bf16 weight copies stay saved for the backward (recomputed when checkpointed).
         kept_blocks = mc.n_layers if mode == "none" else 1
         weight_copies = 2 * (kept_blocks * counts.block_matmuls + mc.vocab_size * mc.d_model) if bf16 else 0
-    activations = weight_copies + activation_bytes(mc, train.micro_batch_size, compute, residual, mode)
+    loss_peak, block_peak = activation_peaks(mc, train.micro_batch_size, compute, residual, mode)
+    # The larger of the step's two peaks: the loss gradient (fsdp has gathered only the root and
+    # no unsharded gradients yet) and a block's backward (its gradients are being reduced).
+    communication, activations = max(
+        (at_loss, weight_copies + loss_peak), (in_backward, weight_copies + block_peak), key=sum,
+    )
     return MemoryPlan(
         parallelism=parallelism, activation_checkpointing=mode, world_size=world_size,
         parameters=4 * held, gradients=4 * held, optimizer=8 * held,
@@ -174,8 +182,9 @@ def _plans_bf16(config: RunConfig, device_type: str) -> bool:
     return has_native_bf16(device_type)
 
 
-def activation_bytes(mc: ModelConfig, micro_batch: int, compute: int, residual: int, mode: str) -> int:
-    """Peak activation memory of one micro-batch's forward and backward (see the module doc)."""
+def activation_peaks(mc: ModelConfig, micro_batch: int, compute: int, residual: int, mode: str) -> tuple[int, int]:
+    """Activation memory of one micro-batch at the two moments it peaks (see the module doc):
+    the loss gradient at the start of the backward, and the backward of one block."""
     seq, tokens = mc.context_length, micro_batch * mc.context_length
     d, f = mc.d_model, mc.d_ff
     q, kv = mc.n_heads * mc.head_dim, mc.kv_heads * mc.head_dim
@@ -200,7 +209,7 @@ def activation_bytes(mc: ModelConfig, micro_batch: int, compute: int, residual: 
     loss_gradient = 2 * tokens * vocab * 4
     block_gradient = tokens * max(2 * f if llama else f, q + 2 * kv) * compute
     blocks = mc.n_layers * kept
-    return blocks + max(head_saved + loss_gradient, recomputed + block_gradient)
+    return blocks + head_saved + loss_gradient, blocks + recomputed + block_gradient
 
 
 # ---------------------------------------------------------------------------------------------
