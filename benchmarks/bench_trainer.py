@@ -142,13 +142,13 @@ def trainer_step(config) -> Callable[[], None]:
     return lambda: trainer.train_step()
 
 
-def prepare_dataset(out: Path) -> str:
+def prepare_dataset(out: Path, mirror: Path = MIRROR) -> str:
     """Five books from the test mirror, downloaded and prepared with gptrain's data pipeline."""
     from gptrain.data.download import DownloadConfig, download
     from gptrain.data.prepare import PrepareConfig, run_prepare
 
     raw = out / "raw"
-    download(DownloadConfig(out=str(raw), mirror=str(MIRROR), ids=(11, 35, 41, 43, 46), rate=0))
+    download(DownloadConfig(out=str(raw), mirror=str(mirror), ids=(11, 35, 41, 43, 46), rate=0))
     run_prepare(PrepareConfig(input=str(raw), out=str(out / "data"), languages=(), val_fraction=0.3, workers=1))
     return str(out / "data")
 

@@ -21,6 +21,7 @@ from gptrain.errors import EXIT_BAD_INPUT, EXIT_CRASH, GptrainError, StorageErro
 COMMAND_MODULES = [
     "gptrain.data.cli",
     "gptrain.train.cli",
+    "gptrain.train.plan",
     "gptrain.launch",
     "gptrain.status",
     "gptrain.sweep.cli",

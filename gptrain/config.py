@@ -152,6 +152,20 @@ class TrainConfig:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     log_every: int = 10
+    # How the ranks share the work (gptrain/train/parallelize.py). ddp: every rank holds the
+    # whole model, its gradients and optimizer state. fsdp: FSDP2 shards all three over the
+    # ranks (bf16 compute with fp32 master weights and reductions when dtype is bf16).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: ranks that one copy of the model is sharded over; 0: all of them. Fewer (e.g. the
+    # GPUs of one node) is HSDP: sharded within each group, replicated across the groups.
+    fsdp_shard_size: int = 0
+    # fsdp: free a block's gathered parameters after its forward and gather them again for
+    # its backward (less memory), or keep them until then (less communication).
+    fsdp_reshard_after_forward: bool = True
+    # Recompute activations in the backward pass instead of keeping them, per transformer block.
+    # full: keep only each block's input; selective: also keep the matmul and attention outputs
+    # (recompute norms, activation functions and the like: most of the saving, little recompute).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
 
     def __post_init__(self) -> None:
         _require(self.run_dir != "", "train.run_dir", self.run_dir, "must be a folder or URL")
@@ -167,6 +181,7 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         _non_negative("train.seed", self.seed)
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _non_negative("train.fsdp_shard_size", self.fsdp_shard_size, " (0: all ranks)")
 
     def resolved_device(self) -> Literal["cpu", "cuda"]:
         import torch
@@ -271,6 +286,11 @@ class RunConfig:
     comm: CommConfig = field(default_factory=CommConfig)
 
     def __post_init__(self) -> None:
+        if self.optim.galore.enabled and self.train.parallelism == "fsdp":
+            raise GptrainError(
+                "optim.galore.enabled=true does not work with train.parallelism=fsdp: GaLore projects each "
+                "weight's whole gradient matrix, and an FSDP rank holds only a shard of it; use train.parallelism=ddp"
+            )
         for key in ("initial_lr", "min_lr"):
             value = getattr(self.schedule, key)
             peak = self.optim.lr

@@ -13,7 +13,8 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -61,22 +62,28 @@ def read_json(url: str) -> Any:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write a file so that readers see either the old content or all of the new one.
+    """Write a file so that readers see either the old content or all of the new one."""
+    write_file_atomic(url, lambda f: f.write(data))
+
+
+def write_file_atomic(url: str, write: Callable[[BinaryIO], Any]) -> None:
+    """Create a file by calling `write(file)`, so that readers see either the old content or
+    all of the new one; `write` may stream a file larger than memory.
 
     Local: write a temporary sibling, fsync, then rename over the target (rename is atomic
-    on POSIX). Object stores: a single PUT only becomes visible once complete, so it is
+    on POSIX). Object stores: an upload only becomes visible once complete, so it is
     atomic already.
     """
     fs, path = filesystem(url)
     if "file" not in _protocols(fs):
         with fs.open(path, "wb") as f:
-            f.write(data)
+            write(f)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

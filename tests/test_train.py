@@ -149,7 +149,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, gutenberg_dataset): 
     eager, eager_train = _run_steps(_config(gutenberg_dataset, tmp_path / "eager", *common))
     compiled_config = _config(gutenberg_dataset, tmp_path / "compiled", *common, "train.compile=true")
     compiled, compiled_train = _run_steps(compiled_config)
-    assert type(compiled.train_model).__name__ == "OptimizedModule"
+    assert type(compiled.parallel.module).__name__ == "OptimizedModule"
     for a, b in zip(eager_train, compiled_train):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     for p, q in zip(eager.state.model.parameters(), compiled.state.model.parameters()):

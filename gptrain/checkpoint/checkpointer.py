@@ -303,9 +303,12 @@ def load_initial_weights(model: torch.nn.Module, url: str) -> None:
     into a freshly built model of the same architecture."""
     from gptrain.models.weights import load_pretrained
 
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     pretrained = load_pretrained(url)
     try:
-        model.load_state_dict(pretrained.state_dict())
+        # Full tensors in; an FSDP-sharded model keeps this rank's shard of each.
+        set_model_state_dict(model, pretrained.state_dict(), options=StateDictOptions(full_state_dict=True))
     except RuntimeError as err:  # missing/unexpected keys or other shapes
         raise GptrainError(f"checkpoint.init_from={url!r}: the weights do not fit this run's model: {err}") from err
     log.info("initialized the model from %s", url)

@@ -70,6 +70,9 @@ def load_model_from_commit(
     with torch.device("meta"):  # no time spent on a random initialization that is overwritten
         model = Transformer(model_config)
     model.to_empty(device=device)
+    if model_config.tie_embeddings:
+        # to_empty gave the head a Parameter of its own: tie it again (one copy in memory, as trained).
+        model.lm_head.weight = model.tok_emb.weight
     model.init_buffers()
     read_model_weights(commit.url, model)
     if dtype is not None:

@@ -1,10 +1,14 @@
 """What a checkpoint holds, and writing/reading it with torch.distributed.checkpoint (DCP).
 
 DCP writes sharded: every rank writes its own `__<rank>_0.distcp` file, and rank 0 (DCP's
-coordinator) writes `.metadata`, which maps every key to where it lies. Replicated values
-(DDP keeps a full copy of the model on each rank) are written once, spread over the ranks.
-Files go through fsspec (`FsspecWriter`/`FsspecReader`), so a run directory may be a local
-folder or an object-store URL such as s3://bucket/run.
+coordinator) writes `.metadata`, which maps every key (and every shard of it) to where it
+lies. Under fsdp, `get_state_dict` gives each rank's shards of the parameters and AdamW
+moments (DTensors) and each rank writes just those rows; replicated values (ddp keeps a full
+copy of the model on each rank) are written once, spread over the ranks. Reading lays the
+saved rows out for the ranks and layout of the run that reads (`set_state_dict`): a
+checkpoint written by N fsdp ranks loads on M ranks, under ddp, or into one whole model for
+export. Files go through fsspec (`FsspecWriter`/`FsspecReader`), so a run directory may be a
+local folder or an object-store URL such as s3://bucket/run.
 
 Keys of the DCP state dict:
 
@@ -71,7 +75,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 class Checkpointable(Protocol):
     """The trainer state a checkpoint saves and restores (gptrain.train.trainer.TrainState)."""
 
-    model: nn.Module  # the bare model (DDP and torch.compile share its parameters)
+    model: nn.Module  # the model DDP and torch.compile wrap (FSDP shards it in place)
     optimizer: torch.optim.Optimizer
     loader: Any  # state_dict() / load_state_dict(): the data position
     step: int

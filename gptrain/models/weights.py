@@ -17,7 +17,10 @@ call into a fresh array that is dropped once copied.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import json
+import math
 import os
 import posixpath
 import tempfile
@@ -122,10 +125,11 @@ def save_hf_pretrained(model: Transformer, out_dir: str, max_shard_bytes: int = 
     ]
     weight_map, total_bytes = {}, 0
     for file, shard in zip(names, shards):
-        tensors = {part.name: _split_out(state[dest], row, part) for dest, row, part in shard}
-        storage.write_bytes_atomic(storage.join(out_dir, file), _safetensors_bytes(tensors))
-        weight_map |= dict.fromkeys(tensors, file)
-        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors = [(part.name, state[dest], functools.partial(_split_out, state[dest], row, part, copy=False),
+                    part.shape) for dest, row, part in shard]
+        storage.write_file_atomic(storage.join(out_dir, file), functools.partial(_write_safetensors, tensors))
+        weight_map |= dict.fromkeys((name for name, *_ in tensors), file)
+        total_bytes += sum(source.element_size() * math.prod(shape) for _, source, _, shape in tensors)
     if len(names) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         storage.write_json_atomic(storage.join(out_dir, "model.safetensors.index.json"), index)
@@ -407,12 +411,14 @@ def _placed_parts(plan: Plan) -> Iterator[tuple[str, int, Part]]:
             row += part.rows
 
 
-def _split_out(tensor: torch.Tensor, row: int, part: Part) -> torch.Tensor:
+def _split_out(tensor: torch.Tensor, row: int, part: Part, copy: bool = True) -> torch.Tensor:
     if part.rope_heads:
         raise GptrainError("writing Meta's interleaved-RoPE layout is not supported; export the HF layout")
     piece = tensor[row:row + part.rows]
-    # A contiguous CPU copy of its own: safetensors refuses tensors that share memory.
-    return (piece.t() if part.transposed else piece).to("cpu", memory_format=torch.contiguous_format, copy=True)
+    # A contiguous CPU copy of its own (safetensors' writers refuse tensors that share memory);
+    # `copy=False` (gptrain's own writer): a copy only where the piece is not contiguous on the CPU.
+    piece = (piece.t() if part.transposed else piece).to("cpu")
+    return piece.clone(memory_format=torch.contiguous_format) if copy else piece.contiguous()
 
 
 def _shard(plan: Plan, state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[tuple[str, int, Part]]]:
@@ -428,10 +434,30 @@ def _shard(plan: Plan, state: dict[str, torch.Tensor], max_shard_bytes: int) -> 
     return shards
 
 
-def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
+# safetensors' dtype names for the dtypes gptrain models are stored in.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
-    return save(tensors, metadata={"format": "pt"})  # transformers expects the "pt" format tag
+
+def _write_safetensors(tensors: list[tuple[str, torch.Tensor, Callable[[], torch.Tensor], tuple]], f) -> None:
+    """Write a .safetensors file: an 8-byte little-endian header length, the JSON header
+    (dtype, shape and byte range of each tensor, padded with spaces to 8 bytes), then the
+    tensors' bytes. Each tensor is produced (`make()`), written and dropped in turn, so the
+    file costs memory for one tensor, not for all of them as the safetensors package's
+    writers do (they take every tensor at once).
+
+    `tensors`: (name, the source tensor (for its dtype), make, shape) in file order."""
+    header: dict = {"__metadata__": {"format": "pt"}}  # transformers expects the "pt" format tag
+    offset = 0
+    for name, source, _, shape in tensors:
+        size = source.element_size() * math.prod(shape)
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[source.dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little") + text)
+    for _, _, make, _ in tensors:
+        f.write(make().view(torch.uint8).numpy().data)  # the (contiguous) tensor's own memory, not a copy
 
 
 def _names(names: list[str], limit: int = 6) -> str:

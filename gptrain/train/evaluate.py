@@ -45,17 +45,23 @@ def validation_loss(
     return (totals[0] / totals[1]).item()
 
 
-def sample_text(model: Transformer, tokenizer, eval_config: EvalConfig, seed: int) -> str:
+def sample_text(model: Transformer, tokenizer, eval_config: EvalConfig, seed: int, fixed_length: bool = False) -> str:
     """eval.sample_prompt and its continuation, generated in full precision with the
     configured temperature and top-k (its own seeded generator: the training RNG streams are
-    left alone); stops at `<|endoftext|>`."""
+    left alone); ends at `<|endoftext|>`.
+
+    `fixed_length`: generate all eval.sample_max_new_tokens and cut at the first
+    `<|endoftext|>` afterwards, so that ranks running the forwards together (FSDP) make the
+    same number of them even if their numbers were ever to differ in the last bit."""
     was_training = model.training
     model.eval()
     config = SamplingConfig(
         max_new_tokens=eval_config.sample_max_new_tokens, temperature=eval_config.sample_temperature,
-        top_k=eval_config.sample_top_k, seed=seed, stop_ids=(tokenizer.eot_id,),
+        top_k=eval_config.sample_top_k, seed=seed, stop_ids=() if fixed_length else (tokenizer.eot_id,),
     )
     prompt_ids = tokenizer.encode(eval_config.sample_prompt)
     (new_ids,) = generate(model, [prompt_ids], config)
+    if tokenizer.eot_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tokenizer.eot_id)]
     model.train(was_training)
     return tokenizer.decode(prompt_ids + new_ids)

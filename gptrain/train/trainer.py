@@ -1,13 +1,13 @@
 """The trainer: build the pieces from a `RunConfig`, then run the step loop.
 
-    train(config)                  one run, single process or one rank of a DDP job
-      Trainer(config, env)         model, optimizer, data, logger (the build_* functions)
+    train(config)                  one run, single process or one rank of a DDP/FSDP job
+      Trainer(config, env)         model (wrapped by gptrain.train.parallelize), optimizer, data, logger
         .fit()                     the step loop: train_step, logging, evaluations, summary
 
 One optimizer step: `grad_accum_steps` micro-batches of `micro_batch_size` windows per rank,
 the loss of each scaled by 1/grad_accum_steps so the gradients add up to the mean; DDP
-all-reduces (averages) the gradients on the last micro-batch only. Then the global gradient
-norm is clipped and AdamW steps at the scheduled learning rate. With W ranks, a step sees
+all-reduces (FSDP reduce-scatters) the averaged gradients on the last micro-batch only. Then
+the global gradient norm is clipped and AdamW steps at the scheduled learning rate. With W ranks, a step sees
 W * grad_accum_steps * micro_batch_size windows; the loader hands each rank its own.
 
 All state that changes while training lives in `TrainState`, so saving and resuming a run
@@ -19,7 +19,6 @@ the process exits with gptrain.errors.EXIT_PREEMPTED (75).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gptrain import storage
 from gptrain.checkpoint.checkpointer import Checkpointer
@@ -44,13 +42,14 @@ from gptrain.train.evaluate import sample_text, validation_loss
 from gptrain.train.logger import PLOT_FILE, MetricsLogger, perplexity
 from gptrain.train.metrics import memory_kind, mfu, peak_flops, peak_memory_gib
 from gptrain.train.optim import build_optimizer, set_learning_rate
+from gptrain.train.parallelize import parallelize
 
 
 @dataclass
 class TrainState:
     """Everything that changes as training runs (besides the global RNG states, which dropout uses)."""
 
-    model: Transformer  # the bare model: not wrapped by DDP or torch.compile
+    model: Transformer  # not wrapped by DDP or torch.compile (FSDP shards it in place)
     optimizer: torch.optim.Optimizer
     loader: TokenLoader
     step: int = 0  # optimizer steps taken
@@ -82,26 +81,10 @@ def open_dataset(config: RunConfig, model_config: ModelConfig) -> TokenDataset:
     return dataset
 
 
-def build_model(model_config: ModelConfig, device: torch.device, seed: int) -> Transformer:
+def build_model(model_config: ModelConfig, seed: int) -> Transformer:
+    """The initial model, on the CPU: parallelize() moves it to the device (sharded with FSDP)."""
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    return Transformer(model_config).to(device)
-
-
-def wrap_model(model: Transformer, config: RunConfig, env: DistEnv, device: torch.device) -> nn.Module:
-    """The module the training step calls: compiled (optional) and DDP-wrapped (several ranks)."""
-    wrapped: nn.Module = torch.compile(model) if config.train.compile else model
-    if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # find_unused_parameters=True also stops DDP from re-bucketing the gradients after the
-        # first step. A resumed run's first step would otherwise all-reduce in the initial
-        # bucket layout: with more than 2 ranks that sums in another order, and the weights
-        # would drift from an uninterrupted run's in the last bits. (One autograd-graph
-        # traversal per step.)
-        wrapped = DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-        )
-    return wrapped
+    return Transformer(model_config)
 
 
 class Trainer:
@@ -112,24 +95,24 @@ class Trainer:
         self.device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
         self.dtype = train_cfg.resolved_dtype(device_type)
         if device_type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs use autocast)
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs compute in bf16)
             torch.backends.cudnn.allow_tf32 = True
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16")
 
         self.model_config = config.model.resolve()
         self.dataset = open_dataset(config, self.model_config)
-        model = build_model(self.model_config, self.device, train_cfg.seed)
+        model = build_model(self.model_config, train_cfg.seed)
         torch.manual_seed(train_cfg.seed + env.rank)  # dropout masks differ between ranks
         loader = TokenLoader(
             self.dataset, self.model_config.context_length, train_cfg.micro_batch_size, "train",
             seed=train_cfg.seed, rank=env.rank, world_size=env.world_size, pin_memory=self.device.type == "cuda",
         )
+        # Checkpointing, compile, DDP/FSDP; before the optimizer, which must hold FSDP's shards.
+        self.parallel = parallelize(model, config, env, self.device)
         self.state = TrainState(model, build_optimizer(model, config.optim, self.device.type), loader)
         # Weights, optimizer, data position, counters and (last) the RNG states of a checkpoint,
         # or checkpoint.init_from's weights for a fresh run. Nothing below draws random numbers.
         self.checkpointer = Checkpointer(config, self.dataset, self.device)
         self.resumed = self.checkpointer.resume(self.state)
-        self.train_model = wrap_model(model, config, env, self.device)
         self.tokens_per_step = config.tokens_per_step(env.world_size)
         self.total_steps = config.total_steps(self.tokens_per_step)
         if self.resumed is not None and config.train.max_tokens is not None:
@@ -147,7 +130,7 @@ class Trainer:
         )
         # Rank 0's W&B run id goes into every rank's checkpoint (they must all save the same).
         self.checkpointer.wandb_run_id = broadcast_object(self.logger.wandb_run_id)
-        self.tokenizer = None  # loaded on first use, on rank 0 only (it samples the text)
+        self.tokenizer = None  # loaded on first use by the ranks that sample text (rank 0; all under fsdp)
         # A resumed run's summary starts from its first evaluation, not the first since the resume.
         self.evals: list[dict[str, Any]] = [r for r in self.logger.records if r["kind"] == "eval"]
         self._window_start, self._window_tokens = time.perf_counter(), 0
@@ -197,7 +180,7 @@ class Trainer:
         lr = lr_at(state.step, self.config.schedule, self.config.optim.lr, self.total_steps)
         set_learning_rate(state.optimizer, lr)
         loss = self.forward_backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), self.max_grad_norm)
+        grad_norm = self.parallel.clip_grad_norm_(state.model.parameters(), self.max_grad_norm)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -210,19 +193,14 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.state.loader.next_batch())
-            with self._gradient_sync(micro == accum - 1):
-                with self.autocast:
-                    logits = self.train_model(x)
+            with self.parallel.gradient_sync(micro == accum - 1):
+                with self.parallel.autocast:
+                    logits = self.parallel.module(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
+                del logits  # batch x context x vocab: the backward needs only what the loss saved
                 loss.backward()
             total += loss.detach()
         return total
-
-    def _gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        """DDP all-reduces gradients in backward; micro-batches before the last skip it (no_sync)."""
-        if enabled or self.env.world_size == 1:
-            return contextlib.nullcontext()
-        return self.train_model.no_sync()
 
     def log_train_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         state = self.state
@@ -247,15 +225,21 @@ class Trainer:
     def evaluate(self) -> None:
         cfg, state = self.config.eval, self.state
         val_loss = validation_loss(
-            state.model, self.dataset, self.config.train.micro_batch_size, cfg.max_windows, self.env, self.autocast
+            state.model, self.dataset, self.config.train.micro_batch_size, cfg.max_windows, self.env,
+            self.parallel.autocast,
         )
         sample = None
-        if self.env.is_main and cfg.sample_prompt and cfg.sample_max_new_tokens:
+        # Under FSDP every rank takes part in each forward, so every rank samples (rank 0 logs it).
+        samples_here = self.env.is_main or self.parallel.collective_forward
+        if samples_here and cfg.sample_prompt and cfg.sample_max_new_tokens:
             if self.tokenizer is None:
                 from gptrain.tokenizer import tokenizer_from_spec
 
                 self.tokenizer = tokenizer_from_spec(self.dataset.tokenizer_spec)
-            sample = sample_text(state.model, self.tokenizer, cfg, seed=self.config.train.seed)
+            sample = sample_text(
+                state.model, self.tokenizer, cfg, seed=self.config.train.seed,
+                fixed_length=self.parallel.collective_forward,
+            )
         record = {
             "kind": "eval", "step": state.step, "tokens_seen": state.tokens_seen,
             "val_loss": val_loss, "val_ppl": perplexity(val_loss), "sample": sample,
@@ -276,7 +260,8 @@ class Trainer:
         )
         info(
             f"{env.world_size} rank(s) on {self.device.type}, {self.dtype}"
-            f"{', torch.compile' if cfg.train.compile else ''}; optimizer {type(self.state.optimizer).__name__}"
+            f"{', torch.compile' if cfg.train.compile else ''}: {self.parallel.description}; "
+            f"optimizer {type(self.state.optimizer).__name__}"
             f"{' (GaLore)' if cfg.optim.galore.enabled else ''}"
         )
         info(
