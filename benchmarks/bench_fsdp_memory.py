@@ -65,7 +65,7 @@ def worker(config_path: str, out: str, save: str) -> None:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         return local.numel() * local.element_size()
 
-    env = init_distributed("cpu")
+    env = init_distributed("cpu", init_timeout_s=120, timeout_s=300)
     try:
         config = load_config(config_path)
         gc.collect()

@@ -46,7 +46,7 @@ def worker_main(configs: list[str]) -> int:
     from gptrain.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    env = init_distributed("cpu")
+    env = init_distributed("cpu", init_timeout_s=120, timeout_s=300)
     try:
         for path in configs:
             trainer = Trainer(load_config(path), env)

@@ -143,6 +143,9 @@ def _has_process_group() -> bool:
 
 def shard_model(model: Transformer, config: RunConfig, env: DistEnv, device: torch.device, bf16: bool) -> str:
     """fully_shard every block, then the root; returns a description of the layout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -156,6 +159,11 @@ def shard_model(model: Transformer, config: RunConfig, env: DistEnv, device: tor
     else:
         mesh = init_device_mesh(device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
         layout = f"hsdp: {world // shard} replicas, each sharded over {shard} ranks"
+        # The mesh's sub-groups are new process groups, created with torch's default timeout
+        # (gloo 30 min, NCCL 10 min): give them comm.timeout_s so a dead peer ends the step
+        # as quickly in a replica or shard group as in the world group.
+        for dim in ("replicate", "shard"):
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=config.comm.timeout_s), mesh.get_group(dim))
     # bf16 compute from fp32 master shards; gradients reduced (and accumulated) in fp32.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     options = {"mesh": mesh, "reshard_after_forward": train.fsdp_reshard_after_forward}
