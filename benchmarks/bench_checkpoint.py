@@ -61,7 +61,7 @@ def measure(run_dir: str, dataset: TokenDataset, repeats: int) -> tuple[list[flo
         total.append(report.total_s)
     checkpointer.close()
     newest = commits.committed(run_dir)[-1]
-    return sync, stall, total, sum(newest.files.values())
+    return sync, stall, total, sum(f.size for f in newest.files.values())
 
 
 def main() -> None:

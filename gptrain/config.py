@@ -56,6 +56,11 @@ class ModelSection:
     def __post_init__(self) -> None:
         known = ", ".join(MODEL_CONFIGS)
         _require(self.name in MODEL_CONFIGS, "model.name", self.name, f"unknown model; known: {known}")
+        # The preset's context is the longest its architecture was built for (positions learned
+        # or RoPE-scaled up to it); past it a run only finds out by running out of memory.
+        limit = MODEL_CONFIGS[self.name].context_length
+        _require(self.context_length is None or self.context_length <= limit, "model.context_length",
+                 self.context_length, f"must be <= {limit}, the longest context of model {self.name!r}")
         self.resolve()  # ModelConfig checks that the overrides fit together (heads divide d_model, ...)
 
     def resolve(self) -> ModelConfig:
@@ -166,6 +171,9 @@ class TrainConfig:
     # full: keep only each block's input; selective: also keep the matmul and attention outputs
     # (recompute norms, activation functions and the like: most of the saving, little recompute).
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # One run writes a run directory: rank 0 holds RUN_DIR/lease.json, renewed every tenth of
+    # this; a lease without a heartbeat for this long is taken over (gptrain.checkpoint.lease).
+    lease_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.run_dir != "", "train.run_dir", self.run_dir, "must be a folder or URL")
@@ -182,6 +190,7 @@ class TrainConfig:
         _non_negative("train.seed", self.seed)
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _non_negative("train.fsdp_shard_size", self.fsdp_shard_size, " (0: all ranks)")
+        _positive("train.lease_timeout_s", self.lease_timeout_s)
 
     def resolved_device(self) -> Literal["cpu", "cuda"]:
         import torch
@@ -268,9 +277,13 @@ class LoggingConfig:
     wandb_run_name: str | None = None
     wandb_tags: list[str] = field(default_factory=list)
     plot: bool = True  # loss curve PNG next to the metrics
+    # Object stores cannot append: metrics.jsonl is rewritten at least this often (and before
+    # every checkpoint commit). Local files get every record appended and synced at once.
+    flush_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         _require(self.wandb_project != "", "logging.wandb_project", self.wandb_project, "must not be empty")
+        _positive("logging.flush_every_s", self.flush_every_s)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ test_resume.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,20 +65,27 @@ def run(config, stop: int | None = None, blocking_stop: bool = True):
 # Commit markers, listing, retention.
 
 
-def test_commit_marker_records_files_and_sizes_and_verify_names_a_truncated_file(tmp_path):
+def test_commit_marker_records_files_sizes_and_checksums_and_verify_names_a_damaged_file(tmp_path):
     url = commits.step_url(str(tmp_path), 7)
     os.makedirs(url)
     (tmp_path / "checkpoints" / "step-7" / "__0_0.distcp").write_bytes(b"x" * 100)
     (tmp_path / "checkpoints" / "step-7" / ".metadata").write_bytes(b"m" * 10)
     with pytest.raises(CheckpointError, match=r"step-7/commit.json is missing"):
         commits.read_commit(url)
-    written = commits.write_commit(url, 7, world_size=2)
+    # The shard's digest comes from its writer; the metadata is hashed at commit time.
+    shard = commits.FileRecord(100, hashlib.sha256(b"x" * 100).hexdigest())
+    written = commits.write_commit(url, 7, world_size=2, written={"__0_0.distcp": shard})
     marker = json.loads((tmp_path / "checkpoints" / "step-7" / "commit.json").read_text())
-    assert marker["files"] == {"__0_0.distcp": 100, ".metadata": 10}
+    assert marker["files"] == {"__0_0.distcp": {"size": 100, "sha256": shard.sha256},
+                               ".metadata": {"size": 10, "sha256": hashlib.sha256(b"m" * 10).hexdigest()}}
     assert (marker["step"], marker["world_size"]) == (7, 2)
     assert commits.read_commit(url) == written
     commits.verify(written)
 
+    (tmp_path / "checkpoints" / "step-7" / "__0_0.distcp").write_bytes(b"x" * 99 + b"y")  # same size
+    commits.verify(written, checksums=False)
+    with pytest.raises(CheckpointError, match=r"step-7/__0_0.distcp has sha256 .* but .*commit.json recorded"):
+        commits.verify(written)
     (tmp_path / "checkpoints" / "step-7" / "__0_0.distcp").write_bytes(b"x" * 60)
     with pytest.raises(CheckpointError, match=r"step-7/__0_0.distcp has 60 bytes but .*commit.json recorded 100"):
         commits.verify(written)
@@ -95,7 +103,7 @@ def test_retention_keeps_the_last_k_and_every_mth_and_cleans_uncommitted(tmp_pat
     run_dir = str(tmp_path)
     for step in (100, 200, 300, 400, 500):
         os.makedirs(commits.step_url(run_dir, step))
-        commits.write_commit(commits.step_url(run_dir, step), step, 1)
+        commits.write_commit(commits.step_url(run_dir, step), step, 1, written={})
     os.makedirs(commits.step_url(run_dir, 550))  # a save that died before its marker
     assert [c.step for c in commits.committed(run_dir)] == [100, 200, 300, 400, 500]
     assert commits.remove_uncommitted(run_dir, below_step=500) == []

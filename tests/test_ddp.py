@@ -67,4 +67,5 @@ def test_two_ranks_equal_one_rank_with_two_accumulation_steps(tmp_path, gutenber
     assert [r["step"] for r in ddp_eval] == [0, EVERY, STEPS]
     for a, b in zip(single_eval, ddp_eval):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-5)
-    assert sorted(p.name for p in ddp_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    files = ["checkpoints", "config.yaml", "lease.json.lock", "metrics.jsonl"]  # lease.json: released at the end
+    assert sorted(p.name for p in ddp_dir.iterdir()) == files

@@ -1,6 +1,6 @@
 """The checkpointer of one run: when to save, the commit protocol, async saves, resuming.
 
-    checkpointer = Checkpointer(config, dataset, device)   # on every rank, same order
+    checkpointer = Checkpointer(config, dataset, device, lease)   # on every rank, same order
     resumed = checkpointer.resume(state)       # checkpoint.resume / init_from; None: fresh start
     ... each step:  if checkpointer.due(state.step): checkpointer.save(state)
     ... preempted:  checkpointer.save(state, blocking=True)
@@ -9,10 +9,16 @@
 Saving step N (every rank, same order):
   1. wait for the previous async save to commit (at most one save in flight);
   2. rank 0 clears RUN_DIR/checkpoints/step-N if a dead save left it, writes config.yaml;
-     barrier;
-  3. every rank writes its shard (DCP); asynchronously: after copying its state to CPU
-     memory, in a background thread, while training goes on;
-  4. barrier; rank 0 writes the commit marker, then applies retention.
+     every rank waits for it (and stops with rank 0 if that failed);
+  3. every rank writes its shard (DCP), hashing the bytes as they go out; asynchronously:
+     after copying its state to CPU memory, in a background thread, while training goes on;
+  4. rank 0 gathers every rank's file sha256s (so every rank has finished writing), writes
+     the commit marker, then applies retention; every rank learns whether that worked.
+
+Only the holder of the run directory's lease (gptrain.checkpoint.lease) deletes or commits
+anything: rank 0 checks it before each of those steps. Storage faults that outlast the
+retries, and a full disk, end a save with a StorageError naming the URL (a full disk: the
+file being written); the checkpoints committed before are untouched.
 
 Checkpoint collectives run on a process group of their own (gloo, CPU): an async save's
 collectives run in a background thread while the training thread all-reduces gradients on
@@ -23,17 +29,22 @@ default group is NCCL on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gptrain import storage
 from gptrain.checkpoint import commit as commits
-from gptrain.checkpoint.commit import CheckpointError
+from gptrain.checkpoint.checksums import ChecksummingWriter
+from gptrain.checkpoint.commit import CheckpointError, FileRecord
+from gptrain.checkpoint.lease import RunLease, raise_on_every_rank
 from gptrain.checkpoint.store import (
     CONFIG_FILE,
     Checkpointable,
@@ -77,8 +88,11 @@ class Resumed:
 
 
 class Checkpointer:
-    def __init__(self, config: RunConfig, dataset: TokenDataset, device: torch.device):
+    def __init__(self, config: RunConfig, dataset: TokenDataset, device: torch.device, lease: RunLease | None = None):
+        """`lease`: the run directory's lease (gptrain.train.trainer.train holds one); without
+        it the caller vouches that no other process writes to the run directory."""
         self.config, self.settings = config, config.checkpoint
+        self.lease = lease
         self.run_dir = config.train.run_dir
         self.dataset, self.device = dataset, device
         env = current_env()
@@ -90,12 +104,8 @@ class Checkpointer:
         self._in_flight: Future | None = None
         self._staging: ReusedCpuStaging | None = None  # created by the first async save
         self._saved_step: int | None = None  # the step of the newest checkpoint of this run's state
-        if self.rank == 0:
-            # At startup no save of this run can be in flight: every folder without a marker is
-            # left over from a save that died.
-            commits.remove_uncommitted(self.run_dir)
         # Nobody may start writing a checkpoint folder while rank 0 may still be deleting one.
-        self._barrier()
+        self._on_rank0(self._remove_dead_saves, commits.checkpoints_url(self.run_dir))
 
     # -----------------------------------------------------------------------------------------
     # Saving.
@@ -114,55 +124,115 @@ class Checkpointer:
             return None
         begin = time.perf_counter()  # the save's own cost starts here; the stall counts from `start`
         url = commits.step_url(self.run_dir, state.step)
-        if self.rank == 0:
-            if storage.exists(url):
-                # A folder for this step exists only when it is damaged or uncommitted (resume
-                # skipped it): stale shards must not mix with the new ones.
-                commits.remove_checkpoint(url)
-            write_run_files(url, self.config.to_yaml(), self.dataset.tokenizer_spec)
         # Every rank writes into the folder only after rank 0 has cleared it.
-        self._barrier()
+        self._on_rank0(lambda: self._prepare_folder(url), url)
         progress = TrainProgress(
             step=state.step, tokens_seen=state.tokens_seen, world_size=self.world_size,
             dataset_fingerprint=self.dataset.fingerprint, wandb_run_id=self.wandb_run_id,
         )
         to_save = state_to_save(state, progress, self.rank, self.device)
         self._saved_step = state.step
+        writer = ChecksummingWriter(url)
         if not asynchronous:
-            write_shards(url, to_save, self.group)
-            self._commit(url, state.step)
+            with self._faults(writer):
+                write_shards(writer, to_save, self.group)
+            self._commit(writer, state.step)
             stall = time.perf_counter() - start
             report = SaveReport(state.step, url, False, stall_s=stall, total_s=stall)
             self._log_committed(report)
         else:
             if self._staging is None:
                 self._staging = ReusedCpuStaging()
-            future = start_async_write(url, to_save, self.group, self._staging)
+            with self._faults(writer):
+                future = start_async_write(writer, to_save, self.group, self._staging)
             report = SaveReport(state.step, url, True, stall_s=time.perf_counter() - start)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-checkpoint")
-            self._in_flight = self._executor.submit(self._finish_async, future, report, begin)
+            self._in_flight = self._executor.submit(self._finish_async, future, writer, report, begin)
         self.reports.append(report)
         return report
 
-    def _finish_async(self, write: Future, report: SaveReport, begin: float) -> None:
-        write.result()  # this rank's shard (and on rank 0 the metadata) are written
-        self._commit(report.url, report.step)
+    def _remove_dead_saves(self) -> None:
+        # At startup no save of this run can be in flight (the lease says no other process
+        # writes here): every folder without a marker is left over from a save that died.
+        self._check_lease()
+        commits.remove_uncommitted(self.run_dir)
+
+    def _prepare_folder(self, url: str) -> None:
+        self._check_lease()
+        if storage.exists(url):
+            # A folder for this step exists only when it is damaged or uncommitted (resume
+            # skipped it): stale shards must not mix with the new ones.
+            commits.remove_checkpoint(url)
+        write_run_files(url, self.config.to_yaml(), self.dataset.tokenizer_spec)
+
+    def _finish_async(self, write: Future, writer: ChecksummingWriter, report: SaveReport, begin: float) -> None:
+        with self._faults(writer):
+            write.result()  # this rank's shard (and on rank 0 the metadata) are written
+        self._commit(writer, report.step)
         report.total_s = time.perf_counter() - begin
         self._log_committed(report)
 
-    def _commit(self, url: str, step: int) -> None:
-        # Every rank has finished writing its files once all have reached this barrier; only
-        # then may the marker claim that the checkpoint is complete.
-        self._barrier()
-        if self.rank != 0:
-            return
-        commits.write_commit(url, step, self.world_size)
+    def _commit(self, writer: ChecksummingWriter, step: int) -> None:
+        # Rank 0 has every rank's file records once the gather returns, so every rank has
+        # finished writing: only then may the marker claim that the checkpoint is complete.
+        written: dict[str, FileRecord] = {}
+        for records in self._gather(writer.records):
+            written.update(records)
+        self._on_rank0(lambda: self._write_marker(writer.url, step, written), writer.url)
+
+    def _write_marker(self, url: str, step: int, written: dict[str, FileRecord]) -> None:
+        self._check_lease()
+        commits.write_commit(url, step, self.world_size, written)
         # After the commit, not before: until the new checkpoint exists, the old ones are the
         # only way back. Anything uncommitted below this step is a save that failed.
         removed = commits.tidy_after_commit(self.run_dir, step, self.settings.keep_last, self.settings.keep_every)
         if removed:
             log.info("retention: removed %s", ", ".join(removed))
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
+    @contextlib.contextmanager
+    def _faults(self, writer: ChecksummingWriter) -> Iterator[None]:
+        """A failed write as a StorageError when the storage is at fault; a full disk named as
+        such even on the ranks that only saw DCP's report of another rank's failure."""
+        try:
+            yield
+        except BaseException as err:
+            errors = [writer.write_error]
+            if self.group is not None and isinstance(err, CheckpointException):  # DCP raises it on every rank
+                errors = self._gather(writer.write_error)
+            for cause in [*errors, err]:
+                fault = storage.storage_fault(cause, writer.url) if cause is not None else None
+                if fault is not None:
+                    raise fault from err
+            raise
+
+    def _on_rank0(self, action: Callable[[], object], url: str) -> None:
+        """Run `action` on rank 0 (a storage fault in it named after `url`); every rank waits
+        for it, and raises if it failed."""
+        error = None
+        if self.rank == 0:
+            try:
+                with storage.faults_named(url):
+                    action()
+            except Exception as err:  # noqa: BLE001  (raised on every rank below)
+                error = err
+        if self.group is None:
+            if error is not None:
+                raise error
+            return
+        raise_on_every_rank(error, self.rank == 0, self.group)
+
+    def _gather(self, value):
+        """`value` from every rank, in rank order, on every rank (the checkpoint group)."""
+        if self.group is None:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.group)
+        return values
 
     def _log_committed(self, report: SaveReport) -> None:
         if self.rank != 0:
@@ -191,10 +261,6 @@ class Checkpointer:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
-
-    def _barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
 
     # -----------------------------------------------------------------------------------------
     # Resuming.
@@ -256,11 +322,20 @@ class Checkpointer:
         if self.rank == 0:
             try:
                 commit = commits.read_commit(url)
-                commits.verify(commit)
+                commits.verify_sizes(commit)
                 self._check_config(url)
             except CheckpointError as err:
                 problem = str(err)
         problem, commit = broadcast_object((problem, commit))
+        if problem is not None:
+            raise CheckpointError(problem)
+        # Silent corruption (a flipped byte, same size) shows only in the sha256s, which read
+        # every byte: each rank checks its share of the files.
+        try:
+            commits.verify_checksums(commit, self.rank, self.world_size)
+        except CheckpointError as err:
+            problem = str(err)
+        problem = next((p for p in self._gather(problem) if p is not None), None)
         if problem is not None:
             raise CheckpointError(problem)
         failure = None
@@ -274,6 +349,9 @@ class Checkpointer:
         # A blob that one rank alone could not decode must stop every rank the same way.
         if any_rank(failure is not None):
             raise CheckpointError(failure or f"{url}: another rank could not read its part")
+        if progress.step != commit.step:  # the same blob on every rank: all raise
+            raise CheckpointError(f"{url}: the saved state is at step {progress.step}, but {commit.marker_url} "
+                                  f"says {commit.step}: the checkpoint is damaged")
         if self.rank == 0 and commit.world_size != self.world_size:
             log.warning(
                 "resuming a %d-rank checkpoint with %d rank(s): the data position carries over exactly; "

@@ -3,12 +3,17 @@
 Layout: RUN_DIR/checkpoints/step-<N>/ holds one checkpoint: the shards every rank wrote
 (torch.distributed.checkpoint's `__<rank>_<n>.distcp` files and `.metadata`) and the run's
 config.yaml. Rank 0 writes `commit.json` into the folder last, after every rank has finished
-writing; it records the step, the time, the world size and every file with its size.
+writing; it records the step, the time, the world size and every file with its size and
+sha256 (computed while the file was written, see gptrain.checkpoint.checksums).
 
 A folder without a readable marker is not a checkpoint: a save that was cut short (crash,
-SIGKILL, node loss) leaves such a folder behind, it is never loaded, and rank 0 removes it.
-The sizes in the marker let a reader catch a file that was truncated or replaced after the
-commit before torch tries to deserialize it, and name the file at fault.
+SIGKILL, node loss) leaves such a folder behind, it is never loaded, and the run's lease
+holder removes it. Before a checkpoint is loaded its files are checked against the marker:
+sizes catch a truncated or replaced file cheaply, checksums catch silent corruption (a
+flipped bit, a bad disk or transfer); either names the file at fault and the checkpoint
+counts as damaged. So does a marker whose step is not its folder's: retention and "latest"
+go by that step, and a marker that lies about it must not make them delete or pick the wrong
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ log = logging.getLogger("gptrain.checkpoint")
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER_FILE = "commit.json"
-MARKER_FORMAT = "gptrain-checkpoint/1"
+MARKER_FORMAT = "gptrain-checkpoint/2"
+SIZES_ONLY_FORMAT = "gptrain-checkpoint/1"  # earlier markers: sizes, no checksums (still loaded)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -40,6 +46,12 @@ class NotCommittedError(CheckpointError):
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    size: int  # bytes
+    sha256: str | None  # None in markers written before checksums (SIZES_ONLY_FORMAT)
+
+
+@dataclass(frozen=True)
 class Commit:
     """What a commit marker records about one checkpoint."""
 
@@ -47,7 +59,7 @@ class Commit:
     step: int
     time: float  # seconds since the epoch when it was committed
     world_size: int
-    files: dict[str, int]  # file name inside the folder -> size in bytes
+    files: dict[str, FileRecord]  # file name inside the folder -> size and sha256
 
     @property
     def marker_url(self) -> str:
@@ -91,11 +103,24 @@ def list_files(url: str) -> dict[str, int]:
     }
 
 
-def write_commit(url: str, step: int, world_size: int) -> Commit:
-    """Mark a fully written checkpoint as committed. Call on rank 0 only, after a barrier that
-    every rank reached once its own files were complete: the marker must never name a file
-    that is still being written."""
-    commit = Commit(url=url, step=step, time=time.time(), world_size=world_size, files=list_files(url))
+def write_commit(url: str, step: int, world_size: int, written: dict[str, FileRecord]) -> Commit:
+    """Mark a fully written checkpoint as committed. Call on rank 0 only, after every rank has
+    finished writing its files (the marker must never name a file still being written), with
+    the records of the files the ranks wrote (`written`, name -> size and sha256); the other
+    files of the folder are hashed here."""
+    present = list_files(url)
+    missing = sorted(set(written) - set(present))
+    if missing:
+        raise CheckpointError(f"{url}: {', '.join(missing)} written but not found on storage")
+    files = {}
+    for name, size in sorted(present.items()):
+        record = written.get(name)
+        if record is None:  # not written through DCP (config.yaml, the tokenizer spec): small
+            record = FileRecord(size, storage.sha256_of(storage.join(url, name)))
+        elif record.size != size:
+            raise CheckpointError(f"{storage.join(url, name)}: {size} bytes on storage, {record.size} written")
+        files[name] = record
+    commit = Commit(url=url, step=step, time=time.time(), world_size=world_size, files=files)
     stamp = datetime.datetime.fromtimestamp(commit.time, datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json_atomic(commit.marker_url, {
         "format": MARKER_FORMAT,
@@ -103,14 +128,15 @@ def write_commit(url: str, step: int, world_size: int) -> Commit:
         "time": commit.time,
         "committed_at": stamp,
         "world_size": world_size,
-        "files": commit.files,
+        "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in files.items()},
     })
     return commit
 
 
 def read_commit(url: str) -> Commit:
     """The commit marker of a checkpoint folder; an error naming the marker if it is missing
-    (NotCommittedError: the save never finished) or unreadable."""
+    (NotCommittedError: the save never finished), unreadable, or names another step than
+    its step-<N> folder."""
     marker = storage.join(url, MARKER_FILE)
     fs, path = storage.filesystem(marker)
     fs.invalidate_cache(posixpath.dirname(path))
@@ -121,27 +147,71 @@ def read_commit(url: str) -> Commit:
     except ValueError as err:  # not JSON
         raise CheckpointError(f"{marker} is not a valid commit marker: {err}") from err
     try:
-        if data.get("format") != MARKER_FORMAT:
+        if data.get("format") not in (MARKER_FORMAT, SIZES_ONLY_FORMAT):
             raise ValueError(f"format {data.get('format')!r}, expected {MARKER_FORMAT!r}")
-        files = {str(name): int(size) for name, size in data["files"].items()}
-        return Commit(url=url, step=int(data["step"]), time=float(data["time"]),
-                      world_size=int(data["world_size"]), files=files)
+        if data["format"] == SIZES_ONLY_FORMAT:
+            files = {str(name): FileRecord(int(size), None) for name, size in data["files"].items()}
+        else:
+            files = {str(name): FileRecord(int(entry["size"]), str(entry["sha256"]))
+                     for name, entry in data["files"].items()}
+        commit = Commit(url=url, step=int(data["step"]), time=float(data["time"]),
+                        world_size=int(data["world_size"]), files=files)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{marker} is not a valid commit marker: {err}") from err
+    folder = _STEP_DIR.match(posixpath.basename(url.rstrip("/")))
+    if folder and int(folder.group(1)) != commit.step:
+        raise CheckpointError(f"{marker} says step {commit.step} in folder step-{folder.group(1)}: "
+                              "the marker is damaged")
+    return commit
 
 
-def verify(commit: Commit) -> None:
-    """Check that every file the marker lists is there with its recorded size."""
+def verify(commit: Commit, checksums: bool = True) -> None:
+    """Check that every file the marker lists is there with its recorded size and, with
+    `checksums`, its sha256 (which reads every byte)."""
+    verify_sizes(commit)
+    if checksums:
+        verify_checksums(commit)
+
+
+def verify_sizes(commit: Commit) -> None:
+    """Every file the marker lists is there with its recorded size: one listing, no reads."""
     present = list_files(commit.url)
-    for name, size in sorted(commit.files.items()):
+    for name, record in sorted(commit.files.items()):
         file_url = storage.join(commit.url, name)
         if name not in present:
             raise CheckpointError(f"{file_url} is missing (listed in {commit.marker_url})")
-        if present[name] != size:
+        if present[name] != record.size:
             raise CheckpointError(
-                f"{file_url} has {present[name]} bytes but {commit.marker_url} recorded {size}: "
+                f"{file_url} has {present[name]} bytes but {commit.marker_url} recorded {record.size}: "
                 "the file is truncated or damaged"
             )
+
+
+def verify_checksums(commit: Commit, rank: int = 0, world_size: int = 1) -> None:
+    """The sha256 of the files rank `rank` of `world_size` checks (`share`: the ranks split the
+    reading) against the marker. Markers from before checksums have none to check."""
+    for name in share(commit.files, rank, world_size):
+        expected = commit.files[name].sha256
+        if expected is None:
+            continue
+        actual = storage.sha256_of(storage.join(commit.url, name))
+        if actual != expected:
+            raise CheckpointError(
+                f"{storage.join(commit.url, name)} has sha256 {actual[:16]}... but {commit.marker_url} recorded "
+                f"{expected[:16]}...: the file is damaged"
+            )
+
+
+def share(files: dict[str, FileRecord], rank: int, world_size: int) -> list[str]:
+    """The files rank `rank` hashes: largest first, each to the rank with the fewest bytes so far."""
+    loads = [0] * world_size
+    mine = []
+    for name, record in sorted(files.items(), key=lambda item: (-item[1].size, item[0])):
+        least = loads.index(min(loads))
+        loads[least] += record.size
+        if least == rank:
+            mine.append(name)
+    return mine
 
 
 def committed(run_dir: str) -> list[Commit]:

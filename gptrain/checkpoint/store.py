@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import yaml
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import AsyncStager
@@ -56,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptrain import storage
+from gptrain.checkpoint.checksums import ChecksummingWriter
 from gptrain.checkpoint.commit import CheckpointError
 from gptrain.config import RunConfig
 from gptrain.errors import GptrainError
@@ -176,11 +177,10 @@ def read_run_config(url: str) -> RunConfig:
         raise CheckpointError(f"{config_url} is not a valid run config: {err}") from err
 
 
-def write_shards(url: str, state_dict: dict[str, Any], process_group) -> None:
+def write_shards(writer: ChecksummingWriter, state_dict: dict[str, Any], process_group) -> None:
     """Every rank writes its shard; returns when this rank's files and (on rank 0) the
-    metadata are written."""
-    dcp.save(state_dict, storage_writer=FsspecWriter(url), process_group=process_group,
-             no_dist=process_group is None)
+    metadata are written, their sha256s in `writer.records`."""
+    dcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=process_group is None)
 
 
 class ReusedCpuStaging(AsyncStager):
@@ -210,10 +210,12 @@ class ReusedCpuStaging(AsyncStager):
         self._buffers = None
 
 
-def start_async_write(url: str, state_dict: dict[str, Any], process_group, staging: ReusedCpuStaging) -> Future:
+def start_async_write(
+    writer: ChecksummingWriter, state_dict: dict[str, Any], process_group, staging: ReusedCpuStaging
+) -> Future:
     """Copy the state to CPU memory (training waits for this), then write it in a background
     thread; returns the future of the write."""
-    return dcp.async_save(state_dict, storage_writer=FsspecWriter(url), process_group=process_group,
+    return dcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
                           async_stager=staging, no_dist=process_group is None)
 
 
@@ -232,7 +234,9 @@ def _load(url: str, state_dict: dict[str, Any], process_group) -> None:
             no_dist=process_group is None,
         )
     except Exception as err:  # DCP raises many kinds (CheckpointException, RuntimeError, EOFError)
-        raise CheckpointError(f"{url}: reading the checkpoint failed: {err}") from err
+        # A storage fault is no sign of damage: falling back to an older checkpoint would hide it.
+        fault = storage.storage_fault(err, url)
+        raise fault or CheckpointError(f"{url}: reading the checkpoint failed: {err}") from err
 
 
 def _progress(buffer: io.BytesIO, url: str) -> TrainProgress:

@@ -46,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stream", action="store_true", help="print the text once generation is finished")
     p.add_argument("--no-cache", action="store_true", help="recompute every position at each step (for checking)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="a gptrain checkpoint: skip the sha256 check of its files (sizes are still checked)")
     p.set_defaults(func=run_generate)
 
 
@@ -55,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from gptrain.tokenizer import StreamingDecoder
 
     loaded = load_model_and_tokenizer(args.weights, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                                      chat_template=args.chat_template)
+                                      chat_template=args.chat_template, verify=args.verify)
     model, tokenizer = loaded.model, loaded.tokenizer
     config = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -50,21 +50,22 @@ class LoadedModel:
     chat_template: str | None = None  # "llama3", or None: prompts are text to continue
 
 
-def resolve_weights(path: str) -> WeightsSource:
-    """Where the weights at `path` are; a GptrainError naming `path` when there are none."""
+def resolve_weights(path: str, verify: bool = True) -> WeightsSource:
+    """Where the weights at `path` are; a GptrainError naming `path` when there are none. A
+    gptrain checkpoint is checked against its commit marker (`verify`: sha256s too)."""
     from gptrain.checkpoint.export import is_gptrain_checkpoint, usable_checkpoint
 
     if not storage.exists(path):
         raise GptrainError(f"{path}: no such weights file, weights folder or run directory")
     if is_gptrain_checkpoint(path):
-        commit = usable_checkpoint(path)
+        commit = usable_checkpoint(path, verify)
         return WeightsSource(path=commit.url, description=f"{path} (checkpoint step {commit.step})", commit=commit)
     return WeightsSource(path=path, description=path)
 
 
 def load_model_and_tokenizer(
     weights: str, device: str = "auto", dtype: str | None = None, tokenizer: str | None = None,
-    chat_template: str = "auto",
+    chat_template: str = "auto", verify: bool = True,
 ) -> LoadedModel:
     """The model at `weights` on `device` ('auto': the best available), cast to `dtype` (None
     keeps the stored dtype), with the tokenizer `tokenizer` names or the one stored with it,
@@ -74,7 +75,7 @@ def load_model_and_tokenizer(
     from gptrain.models.weights import load_pretrained
     from gptrain.tokenizer import tokenizer_for_model
 
-    source = resolve_weights(weights)
+    source = resolve_weights(weights, verify)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if source.commit is not None:

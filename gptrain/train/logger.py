@@ -6,12 +6,15 @@ Only rank 0 creates a `MetricsLogger` that writes; the other ranks get one with
 metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", ...} every
 `train.log_every` steps, {"kind": "eval", "step", "val_loss", ...} at each evaluation, and
 {"kind": "end", "status": "finished" or "preempted", ...} when the process ends its run.
-On a local run directory each record is appended and flushed as it is logged; object stores
-cannot append, so there the whole file is rewritten at `flush()` (each evaluation and the end).
+On a local run directory each record is appended and fsynced as it is logged, so a crash
+loses none. Object stores cannot append: there the whole file is rewritten by
+`flush_metrics()`, at least every `logging.flush_every_s` seconds, at each evaluation and
+before every checkpoint commit (the trainer calls it before saving), so a resumed run never
+has a gap below its checkpoint's step.
 
-A resumed run keeps the records up to its checkpoint's step and drops later ones (logged by
-a process that died before its next checkpoint: those steps are trained again), and
-continues the same W&B run.
+A resumed run keeps the records up to its checkpoint's step and drops later ones at once
+(logged by a process that died before its next checkpoint: those steps are trained again),
+so every step is in the file exactly once, and continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import time
 from typing import Any
 
 from gptrain import storage
@@ -42,14 +47,17 @@ class MetricsLogger:
         self.records: list[dict[str, Any]] = []
         self._local = storage.is_local(self.run_dir)
         self._wandb_run = None
+        self._unflushed = 0  # records not yet in metrics.jsonl on an object store
+        self._flushed_at = time.monotonic()
         if not enabled:
             return
         wandb = _import_wandb() if config.logging.wandb else None  # fails before anything is written
-        storage.write_bytes_atomic(storage.join(self.run_dir, CONFIG_FILE), config.to_yaml().encode())
-        if resume_step is not None and config.logging.jsonl:
-            self.records = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
-        if config.logging.jsonl and self._local:  # empty for a fresh run; the records kept for a resumed one
-            storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
+        with storage.faults_named(self.run_dir):
+            storage.write_bytes_atomic(storage.join(self.run_dir, CONFIG_FILE), config.to_yaml().encode())
+            if resume_step is not None and config.logging.jsonl:
+                self.records = [r for r in read_metrics(self.run_dir) if r["step"] <= resume_step]
+            if config.logging.jsonl:  # empty for a fresh run; the records kept for a resumed one
+                storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
         if wandb is not None:
             self._wandb_run = _start_wandb(wandb, config, wandb_run_id)
 
@@ -71,23 +79,38 @@ class MetricsLogger:
             return
         self.records.append(record)
         if self.config.logging.jsonl and self._local:
-            fs, path = storage.filesystem(self.metrics_url)
-            with fs.open(path, "a") as f:
+            with storage.faults_named(self.metrics_url), open(storage.filesystem(self.metrics_url)[1], "a") as f:
                 f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        elif self.config.logging.jsonl:
+            self._unflushed += 1
+            if time.monotonic() - self._flushed_at >= self.config.logging.flush_every_s:
+                self.flush_metrics()
         if self._wandb_run is not None and record["kind"] != "end":  # W&B keeps the end in its summary
             prefix = "train" if record["kind"] == "train" else "eval"
             values = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("kind", "step") and v is not None}
             self._wandb_run.log(values, step=record["step"])
         log.info(format_record(record))
 
+    def flush_metrics(self) -> None:
+        """Make every record logged so far durable: on an object store, rewrite metrics.jsonl
+        (local records are durable as they are logged)."""
+        if not self.enabled or not self._unflushed:
+            return
+        with storage.faults_named(self.metrics_url):
+            storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
+        self._unflushed, self._flushed_at = 0, time.monotonic()
+
     def flush(self) -> None:
-        """Write what the evaluations add up to: the loss plot, and metrics.jsonl on object stores."""
+        """Write what the evaluations add up to: metrics.jsonl, and the loss plot."""
         if not self.enabled:
             return
-        if self.config.logging.jsonl and not self._local:
-            storage.write_bytes_atomic(self.metrics_url, _jsonl(self.records))
+        self.flush_metrics()
         if self.config.logging.plot:
-            write_loss_plot(self.records, storage.join(self.run_dir, PLOT_FILE), title=self.run_dir)
+            plot_url = storage.join(self.run_dir, PLOT_FILE)
+            with storage.faults_named(plot_url):
+                write_loss_plot(self.records, plot_url, title=self.run_dir)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.enabled:

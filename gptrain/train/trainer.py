@@ -14,7 +14,12 @@ All state that changes while training lives in `TrainState`, so saving and resum
 means saving and restoring that object (and the RNG states): gptrain.checkpoint does both.
 Rerunning the same command with the same train.run_dir resumes from the newest committed
 checkpoint. On SIGTERM/SIGUSR1/SIGUSR2 the ranks stop together at a step boundary, save, and
-the process exits with gptrain.errors.EXIT_PREEMPTED (75).
+the process exits with gptrain.errors.EXIT_PREEMPTED (75). `train` holds the run directory's lease
+(gptrain.checkpoint.lease) for the whole run: one run writes a run directory at a time.
+
+What can fail late is checked at the start (the context against the model's limit in the
+config, the validation split against one evaluation), and the last checkpoint is committed
+before the final evaluation, so a failure there loses no training and a rerun only evaluates.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from gptrain import storage
 from gptrain.checkpoint.checkpointer import Checkpointer
+from gptrain.checkpoint.lease import RunLease, hold_run_lease
 from gptrain.checkpoint.preemption import Preemption, PreemptionHandler
 from gptrain.config import RunConfig, lr_at
 from gptrain.data.loader import TokenDataset, TokenLoader
@@ -62,16 +68,26 @@ def train(config: RunConfig) -> dict[str, Any]:
         config.train.resolved_device(), init_timeout_s=config.comm.init_timeout_s, timeout_s=config.comm.timeout_s
     )
     try:
-        return Trainer(config, env).fit()
+        with hold_run_lease(config.train.run_dir, config.train.lease_timeout_s, env) as lease:
+            return Trainer(config, env, lease).fit()
     finally:
         destroy_distributed()
 
 
-def open_dataset(config: RunConfig, model_config: ModelConfig) -> TokenDataset:
-    """The prepared dataset, refused when its tokenizer's vocabulary is not the model's."""
+def open_dataset(config: RunConfig, model_config: ModelConfig, world_size: int) -> TokenDataset:
+    """The prepared dataset, refused when its tokenizer's vocabulary is not the model's or its
+    validation split is too short for an evaluation (every run evaluates at least at its end)."""
     if config.data.path is None:
         raise GptrainError("data.path is not set: pass data.path=DATASET (a folder or URL from `gptrain data prepare`)")
-    dataset = TokenDataset(config.data.path)
+    with storage.faults_named(config.data.path):
+        dataset = TokenDataset(config.data.path)
+    windows = dataset.tokens("val").num_tokens // (model_config.context_length + 1)
+    if windows < world_size:
+        raise GptrainError(
+            f"data.path={config.data.path!r}: the validation split has {windows} window(s) of "
+            f"{model_config.context_length + 1} tokens; evaluating needs at least one per rank ({world_size}): "
+            "prepare the data with a larger --val-fraction, or set a shorter model.context_length"
+        )
     if dataset.vocab_size != model_config.vocab_size:
         raise GptrainError(
             f"data.path={config.data.path!r} was tokenized with a {dataset.vocab_size}-token vocabulary "
@@ -88,8 +104,9 @@ def build_model(model_config: ModelConfig, seed: int) -> Transformer:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, env: DistEnv):
-        self.config, self.env = config, env
+    def __init__(self, config: RunConfig, env: DistEnv, lease: RunLease | None = None):
+        """`lease`: the run directory's, checked at every step (`train` passes the one it holds)."""
+        self.config, self.env, self.lease = config, env, lease
         train_cfg = config.train
         device_type = train_cfg.resolved_device()
         self.device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
@@ -99,7 +116,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.model_config = config.model.resolve()
-        self.dataset = open_dataset(config, self.model_config)
+        self.dataset = open_dataset(config, self.model_config, env.world_size)
         model = build_model(self.model_config, train_cfg.seed)
         torch.manual_seed(train_cfg.seed + env.rank)  # dropout masks differ between ranks
         loader = TokenLoader(
@@ -111,7 +128,7 @@ class Trainer:
         self.state = TrainState(model, build_optimizer(model, config.optim, self.device.type), loader)
         # Weights, optimizer, data position, counters and (last) the RNG states of a checkpoint,
         # or checkpoint.init_from's weights for a fresh run. Nothing below draws random numbers.
-        self.checkpointer = Checkpointer(config, self.dataset, self.device)
+        self.checkpointer = Checkpointer(config, self.dataset, self.device, lease)
         self.resumed = self.checkpointer.resume(self.state)
         self.tokens_per_step = config.tokens_per_step(env.world_size)
         self.total_steps = config.total_steps(self.tokens_per_step)
@@ -148,21 +165,33 @@ class Trainer:
                 last = state.step == self.total_steps
                 if state.step % cfg.train.log_every == 0 or last:
                     self.log_train_step(loss, grad_norm, lr)
-                if (cfg.eval.every and state.step % cfg.eval.every == 0) or last:
+                if cfg.eval.every and state.step % cfg.eval.every == 0 and not last:
                     self.evaluate()
-                if self.checkpointer.due(state.step):
-                    self.checkpointer.save(state)
+                if self.checkpointer.due(state.step) and not last:
+                    self.save()
+                if self.lease is not None:
+                    self.lease.check()  # stops this run if another process has taken its directory
                 # A collective: every rank stops at this same step if any rank was signalled.
                 stop = preemption.agree()
                 if stop is not None:
                     return self.stop_preempted(stop, time.perf_counter() - start)
-            self.checkpointer.save(state, blocking=True)  # the final weights, for export and generate
+            # The final weights (for export and generate) before the final evaluation: if that
+            # fails, the training is kept, and a rerun resumes here and only evaluates.
+            self.save(blocking=True)
             self.checkpointer.close()
+        # Rank 0 alone has the records: all ranks evaluate (a collective) or none.
+        if not broadcast_object(bool(self.evals) and self.evals[-1]["step"] == state.step):
+            self.evaluate()
         return self.finish(time.perf_counter() - start)
+
+    def save(self, blocking: bool | None = None) -> None:
+        """Checkpoint the state; the metrics logged up to it are durable before its commit."""
+        self.logger.flush_metrics()
+        self.checkpointer.save(self.state, blocking=blocking)
 
     def stop_preempted(self, preemption: Preemption, elapsed_s: float) -> dict[str, Any]:
         """Save synchronously (the process ends next) and finish; the summary says `preempted`."""
-        self.checkpointer.save(self.state, blocking=True)
+        self.save(blocking=True)
         self.checkpointer.close()
         # Rank 0 writes the commit marker after the others are done writing: every rank waits
         # for it here, as launchers that stop all ranks when one exits with a status other than
