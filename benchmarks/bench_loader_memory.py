@@ -34,7 +34,7 @@ def build_dataset(root: Path, num_tokens: int) -> None:
     params = {
         "tokenizer": {"name": "gpt2", "extra_special_tokens": []}, "vocab_size": 50257, "eot_id": 50256,
         "token_dtype": "uint16", "val_fraction": 0.0, "split_seed": 0, "shard_tokens": 16_000_000,
-        "languages": ["en"], "min_ascii_fraction": 0.9,
+        "languages": ["en"], "min_ascii_fraction": 0.9, "cleaning": {}, "dedup": {"enabled": False},
     }
     output = TaskOutput(str(root), ArrayTask(0, 1), params)
     rng = np.random.default_rng(0)

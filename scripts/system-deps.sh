@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# System packages the test suite uses for real. Installed with apt when missing (CI runs on
-# a fresh machine as root); a no-op when everything is present.
+# System packages the test suite uses for real (rsync is also the client of `gptrain data
+# download --mirror rsync://...`). Installed with apt when missing (CI runs on a fresh machine
+# as root); a no-op when everything is present.
 set -euo pipefail
-PACKAGES=(iproute2 util-linux slurm-wlm munge docker.io debootstrap chromium tini)
+PACKAGES=(iproute2 util-linux slurm-wlm munge docker.io debootstrap chromium tini rsync)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import textwrap
 from pathlib import Path
 
 WORDS = (
@@ -21,14 +22,20 @@ WORDS = (
 
 
 def body(book_id: int, paragraphs: int = 6, seed_words: tuple[str, ...] = WORDS) -> str:
-    """A deterministic body whose first and last paragraphs name the book."""
+    """A deterministic body whose first and last paragraphs name the book, its prose
+    paragraphs hard-wrapped at 70 columns like PG's."""
     rng = random.Random(book_id)
     middle = []
     for _ in range(paragraphs):
         sentences = rng.randint(2, 5)
-        middle.append("\n".join(" ".join(rng.choice(seed_words) for _ in range(12)).capitalize() + "."
-                                for _ in range(sentences)))
+        text = " ".join(" ".join(rng.choice(seed_words) for _ in range(12)).capitalize() + "." for _ in range(sentences))
+        middle.append(textwrap.fill(text, 70))
     return "\n\n".join([f"Chapter I. How book {book_id} begins.", *middle, f"So ends book {book_id}, and all is well."])
+
+
+def unwrapped(text: str) -> str:
+    """`text` with each paragraph on one line: what prepare's cleaning makes of a `body`."""
+    return "\n\n".join(paragraph.replace("\n", " ") for paragraph in text.split("\n\n"))
 
 
 def modern(book_id: int, text: str, title: str = "A Test Book") -> str:
@@ -137,7 +144,8 @@ GREEK = "Μῆνιν ἄειδε θεὰ Πηληϊάδεω Ἀχιλῆος ο�
 
 def raw_dir(root: Path, extra_books: int = 0, paragraphs: int = 6) -> dict[int, str]:
     """RAW_DIR with one book per style and encoding; returns {book_id: expected clean text}
-    for the books prepare must keep. `extra_books` adds modern-style books 1000, 1001, ..."""
+    (paragraphs unwrapped) for the books prepare must keep. `extra_books` adds modern-style
+    books 1000, 1001, ..."""
     books = root / "books"
     books.mkdir(parents=True)
     expected: dict[int, str] = {}
@@ -145,7 +153,7 @@ def raw_dir(root: Path, extra_books: int = 0, paragraphs: int = 6) -> dict[int, 
     def put(book_id: int, data: bytes, keep_text: str | None) -> None:
         (books / f"pg{book_id}.txt").write_bytes(data)
         if keep_text is not None:
-            expected[book_id] = keep_text
+            expected[book_id] = unwrapped(keep_text)
 
     crlf = lambda s: s.replace("\n", "\r\n")  # noqa: E731
     put(11, b"\xef\xbb\xbf" + crlf(modern(11, body(11, paragraphs))).encode(), body(11, paragraphs))
@@ -163,3 +171,37 @@ def raw_dir(root: Path, extra_books: int = 0, paragraphs: int = 6) -> dict[int, 
     catalog = {book_id: "en" for book_id in expected} | {17: "en", 18: "de"}
     write_catalog(root / "catalog.csv", catalog)
     return expected
+
+
+def plant_duplicates(mirror: Path, books: Path, val_fraction: float, seed: int = 0) -> dict[int, int]:
+    """Other editions of the shared mirror's books, as PG holds them, written to `books`:
+    re-wrapped, re-encoded (Latin-1), under another header style, in capitals, split in two
+    volumes. Each gets an id whose split differs from its original's, so without dedup the
+    work would sit on both sides. Returns {planted id: original id}."""
+    from gptrain.data.clean import MARKERS_ONLY, clean_book
+    from gptrain.data.prepare import split_of
+
+    def body_of(book_id: int) -> str:
+        return clean_book((mirror / "cache" / "epub" / str(book_id) / f"pg{book_id}.txt").read_bytes(), MARKERS_ONLY)
+
+    planted: dict[int, int] = {}
+
+    def put(original: int, data: bytes) -> None:
+        book_id = 90_000 + 100 * len(planted)
+        while split_of(book_id, val_fraction, seed) == split_of(original, val_fraction, seed):
+            book_id += 1
+        (books / f"pg{book_id}.txt").write_bytes(data)
+        planted[book_id] = original
+
+    alice = "\n\n".join(textwrap.fill(p, 60) for p in body_of(11).split("\n\n"))
+    put(11, modern(0, alice, "Alice").encode())  # re-wrapped at 60 columns
+    quotes = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "—": "--"})
+    holmes = older(0, body_of(1661).translate(quotes), "Adventures")
+    put(1661, holmes.replace("\n", "\r\n").encode("latin-1", "replace"))  # 8-bit, CRLF, 2000s header
+    put(35, etext_1990s(0, body_of(35), "Time Machine").encode())  # a 1990s header
+    put(43, no_space(0, body_of(43).upper(), "JEKYLL").encode())  # an all-capitals transcription
+    chapters = body_of(98).split("\n\n")
+    half = len(chapters) // 2
+    put(98, modern(0, "\n\n".join(chapters[:half]), "A Tale, Volume I").encode())  # the novel in two volumes
+    put(98, modern(0, "\n\n".join(chapters[half:]), "A Tale, Volume II").encode())
+    return planted

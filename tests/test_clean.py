@@ -1,4 +1,5 @@
-"""Cleaning: decoding, line endings, every PG marker style, blank lines, the English filter."""
+"""Cleaning: decoding, line endings, every PG marker style, blank lines, the English filter.
+Prose cleaning (unwrapping, artifacts) against hand-written truth: tests/test_prose.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import re
 import pytest
 
 from gptrain.data.catalog import read_catalog
-from gptrain.data.clean import LanguageFilter, ascii_fraction, clean_book, collapse_blank_lines, decode
+from gptrain.data.clean import (
+    MARKERS_ONLY,
+    CleanOptions,
+    LanguageFilter,
+    ascii_fraction,
+    clean_book,
+    collapse_blank_lines,
+    decode,
+)
 from gptrain.errors import GptrainError
 from prepare_fixtures import GERMAN, GREEK, body, etext_1990s, modern, no_space, older
 
@@ -39,7 +48,7 @@ def crlf(text: str) -> str:
 )
 def test_each_marker_style_gives_exactly_the_body(style, raw):
     text = body(7).replace("begins.", "begins at the caf\u00e9.")
-    cleaned = clean_book(raw(text))
+    cleaned = clean_book(raw(text), MARKERS_ONLY)
     assert cleaned == text, style
     assert not PG_LINES.search(cleaned)
 
@@ -54,6 +63,11 @@ def test_decode_utf8_bom_and_latin1():
 def test_blank_line_runs_collapse_like_the_reference():
     assert collapse_blank_lines("a\n\n\n   \n\t\nb\nc") == "a\n\nb\nc"
     assert collapse_blank_lines("a\n\n\n    indented") == "a\n\n    indented"  # indentation kept
+
+
+def test_clean_options_are_checked():
+    with pytest.raises(GptrainError, match="footnotes must be one of drop, keep, got 'inline'"):
+        CleanOptions(footnotes="inline")
 
 
 def test_empty_after_stripping_is_empty():
@@ -98,7 +112,7 @@ REAL_BOOKS = [
 @pytest.mark.parametrize("book_id,style,first_line,last_line", REAL_BOOKS)
 def test_real_books_lose_pg_text_and_keep_body_ends(mirror_dir, book_id, style, first_line, last_line):
     raw = (mirror_dir / "cache" / "epub" / str(book_id) / f"pg{book_id}.txt").read_bytes()
-    cleaned = clean_book(raw)
+    cleaned = clean_book(raw, MARKERS_ONLY)
     assert not PG_LINES.search(cleaned), style
     lines = cleaned.split("\n")
     assert lines[0] == first_line and lines[-1] == last_line, style

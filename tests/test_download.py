@@ -6,59 +6,46 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import free_port
-from download_fixtures import SLOW, FaultyMirror
-from gptrain.cli import main
+from download_fixtures import (  # noqa: F401 (no_array_env: an autouse fixture)
+    ENGLISH_ON_MIRROR,
+    ENGLISH_TEXTS,
+    MISSING_ON_MIRROR,
+    SLOW,
+    FaultyMirror,
+    books_on_disk,
+    full_size_catalog,
+    ids,
+    mirror_book,
+    no_array_env,
+    report,
+    run_cli,
+)
 from gptrain.data import download as dl
-from gptrain.data.catalog import CATALOG_PATH, parse_catalog, parse_languages, read_catalog, select_books
+from gptrain.data import http_mirror
+from gptrain.data.catalog import (
+    CATALOG_PATH,
+    Selection,
+    parse_catalog,
+    parse_id_range,
+    parse_languages,
+    read_catalog,
+    select_books,
+)
 from gptrain.errors import GptrainError
 
-ENGLISH_ON_MIRROR = {3, 7, 11, 35, 41, 43, 46, 74, 98, 132, 219, 1080, 1184, 1661, 2600, 2701, 9198,
-                     11563, 16119, 26060, 26184}
-MISSING_ON_MIRROR = {1, 16, 36}  # English texts in the catalog whose files are absent on purpose
-ENGLISH_TEXTS = ENGLISH_ON_MIRROR | MISSING_ON_MIRROR
 SOUND_BOOK = 19573
 # Fast, bounded retries for tests; the defaults are for gutenberg.org.
 FAST = ["--rate", "0", "--backoff", "0.02", "--timeout", "1.0"]
-
-
-def run_cli(*argv: str) -> int:
-    """`gptrain data download ARGV` through the console script's entry point."""
-    return main(["data", "download", *argv])
-
-
-def report(raw: Path, index: int = 0, count: int = 1) -> dict:
-    return json.loads((raw / "reports" / f"download-{index}-of-{count}.json").read_text())
-
-
-def ids(entries: list[dict]) -> set[int]:
-    return {entry["book_id"] for entry in entries}
-
-
-def books_on_disk(raw: Path) -> set[int]:
-    return {int(p.name[2:-4]) for p in (raw / "books").glob("pg*.txt")}
-
-
-def mirror_book(mirror_dir: Path, book_id: int) -> bytes:
-    return (mirror_dir / "cache" / "epub" / str(book_id) / f"pg{book_id}.txt").read_bytes()
 
 
 @pytest.fixture
 def faulty_mirror(mirror_dir):
     with FaultyMirror(mirror_dir) as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def no_array_env(monkeypatch):
-    """The suite may itself run inside a Slurm array or Indexed Job: start from a single task."""
-    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT",
-                 "JOB_COMPLETION_INDEX", "GPTRAIN_NUM_TASKS"):
-        monkeypatch.delenv(name, raising=False)
 
 
 # --- catalog -----------------------------------------------------------------------------------
@@ -73,9 +60,32 @@ def test_catalog_parses_multiline_titles_and_language_lists(mirror_dir):
     assert by_id[SOUND_BOOK].type == "Sound"
     assert by_id[1184].authors == "Alexandre Dumas; Auguste Maquet" and by_id[1184].issued == "1998-01-01"
 
-    assert {e.book_id for e in select_books(entries, ("en",))} == ENGLISH_TEXTS
+    assert {e.book_id for e in select_books(entries, Selection(("en",)))} == ENGLISH_TEXTS
     # A multi-language book counts for each of its languages.
-    assert [e.book_id for e in select_books(entries, parse_languages("TL, nl"))] == [16119, 24675]
+    assert [e.book_id for e in select_books(entries, Selection(parse_languages("TL, nl")))] == [16119, 24675]
+    assert [e.book_id for e in select_books(entries, Selection(("en",), types=("Sound",)))] == [SOUND_BOOK]
+
+
+def test_full_size_catalog_parses_in_seconds_and_selects_by_subject_shelf_and_ids():
+    data, facts = full_size_catalog(75_000)
+    started = time.perf_counter()
+    entries = parse_catalog(data, "pg_catalog.csv")
+    print(f"parsed {len(entries):,} catalog rows ({len(data) / 1e6:.1f} MB) in {time.perf_counter() - started:.2f} s")
+    assert len(entries) == 75_000 and entries[99].title == 'Book 100\nOr, a subtitle, "quoted"'
+    english_texts = {f["id"] for f in facts if f["type"] == "Text" and "en" in f["languages"].split("; ")}
+    assert {e.book_id for e in select_books(entries, Selection())} == english_texts
+    science_fiction = Selection(subjects=("SCIENCE FICTION",))
+    assert {e.book_id for e in select_books(entries, science_fiction)} == {i for i in english_texts if i % 13 == 0}
+    poetry_or_scifi = Selection(subjects=("science fiction", "poetry"), bookshelves=("poetry",))
+    assert {e.book_id for e in select_books(entries, poetry_or_scifi)} == {
+        i for i in english_texts if i % 17 == 0 and i % 13 == 0}
+    ranges = Selection(id_ranges=((1, 100), (74_990, 80_000)))
+    assert [e.book_id for e in select_books(entries, ranges)] == sorted(
+        i for i in english_texts if i <= 100 or i >= 74_990)
+    with pytest.raises(GptrainError, match="id range 9-3: the first id must not be above the last"):
+        Selection(id_ranges=((9, 3),))
+    with pytest.raises(GptrainError, match="id range 'x-3': expected FIRST-LAST"):
+        parse_id_range("x-3")
 
 
 def test_corrupt_catalogs_are_rejected_naming_the_source():
@@ -278,11 +288,48 @@ def test_http_mirrors_get_a_polite_rate_by_default(faulty_mirror, tmp_path):
     assert run_cli(*argv) == 0
     starts = [r.time for r in faulty_mirror.requests]
     assert len(starts) == 4  # the catalog and 3 books, at most 2 per second
-    assert starts[-1] - starts[0] >= 3 * (1 / dl.POLITE_HTTP_RATE) * 0.95
+    assert starts[-1] - starts[0] >= 3 * (1 / http_mirror.POLITE_HTTP_RATE) * 0.95
+
+
+def test_gutenberg_org_serves_one_task_and_small_selections(tmp_path, capsys):
+    dl.check_main_site("https://www.gutenberg.org/", 1, dl.MAIN_SITE_MAX_BOOKS)
+    with pytest.raises(GptrainError, match=r"not an array of 2: use an rsync mirror \(--mirror rsync://aleph"):
+        dl.check_main_site("https://gutenberg.org/", 2)
+    with pytest.raises(GptrainError, match=rf"{dl.MAIN_SITE_MAX_BOOKS + 1} books selected; gutenberg.org serves"):
+        dl.check_main_site("https://www.gutenberg.org/", 1, dl.MAIN_SITE_MAX_BOOKS + 1)
+    dl.check_main_site("http://127.0.0.1:8000/", 8, 70_000)  # other mirrors: the array shares the rate instead
+    # The default mirror, as task 0 of an array: refused before any request leaves the machine.
+    assert run_cli("--out", str(tmp_path / "raw"), "--task-index", "0", "--num-tasks", "8") == 2
+    assert "gutenberg.org asks for bulk downloads to use a mirror" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()
+
+
+def test_an_array_shares_one_http_rate(faulty_mirror, tmp_path):
+    """Two tasks at once with --rate 4: each starts 2 requests/s, so together they keep to 4/s."""
+    errors = []
+
+    def task(index: int) -> None:
+        config = dl.DownloadConfig(out=str(tmp_path / "raw"), mirror=faulty_mirror.url, ids=(3, 7, 11, 35, 41, 43),
+                                   rate=4, task_index=index, num_tasks=2)
+        try:
+            dl.download(config)
+        except Exception as err:  # noqa: BLE001 (reported below, in the test's thread)
+            errors.append(err)
+
+    threads = [threading.Thread(target=task, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    starts = sorted(r.time for r in faulty_mirror.requests)
+    assert len(starts) == 8  # each task: the catalog and its 3 books
+    # Both tasks may start at once; after that, 4 per second between them, not 8.
+    assert starts[-1] - starts[0] >= (len(starts) - 2) / 4 * 0.95
 
 
 def test_rate_limit_spaces_requests_across_threads():
-    limiter = dl.RateLimiter(rate=20.0)
+    limiter = http_mirror.RateLimiter(rate=20.0)
     starts: list[float] = []
 
     def worker() -> None:
@@ -300,7 +347,7 @@ def test_rate_limit_spaces_requests_across_threads():
 
 
 def test_retry_after_accepts_seconds_and_http_dates():
-    assert dl._retry_after_seconds("3") == 3.0
-    assert dl._retry_after_seconds(None) is None
-    assert dl._retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
-    assert dl._retry_after_seconds("86400") == dl.MAX_RETRY_AFTER_S
+    assert http_mirror._retry_after_seconds("3") == 3.0
+    assert http_mirror._retry_after_seconds(None) is None
+    assert http_mirror._retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+    assert http_mirror._retry_after_seconds("86400") == http_mirror.MAX_RETRY_AFTER_S

@@ -11,19 +11,24 @@ import torch
 
 from gptrain.array_task import ArrayTask
 from gptrain.data.loader import TokenDataset, TokenLoader, WindowPermutation, eval_batches
-from gptrain.data.manifest import finalize
+from gptrain.data.dedup import Duplicate
+from gptrain.data.manifest import load_manifest, merge_task_manifests, read_task_manifests, write_manifest
 from gptrain.data.prepare import TaskOutput
 from gptrain.errors import GptrainError
 
 EOT = 50256
 
 
-def synthetic_dataset(root: Path, doc_lengths: list[int], shard_tokens: int, val_every: int = 0):
-    """A real dataset (TaskOutput + finalize) of random tokens; returns (url, {split: stream})."""
+def synthetic_dataset(root: Path, doc_lengths: list[int], shard_tokens: int, val_every: int = 0,
+                      drop: tuple[int, ...] = ()):
+    """A real dataset (TaskOutput, then finalize's merge) of random tokens; returns (url, {split: stream}).
+
+    Books in `drop` are resolved as duplicates (of book 0) at finalize: their tokens stay in the
+    shards but are cut out of the split streams."""
     params = {
         "tokenizer": {"name": "synthetic"}, "vocab_size": EOT + 1, "eot_id": EOT, "token_dtype": "uint16",
         "val_fraction": 0.0, "split_seed": 0, "shard_tokens": shard_tokens, "languages": ["en"],
-        "min_ascii_fraction": 0.9,
+        "min_ascii_fraction": 0.9, "cleaning": {}, "dedup": {"enabled": False},
     }
     output = TaskOutput(str(root), ArrayTask(0, 1), params)
     rng = np.random.default_rng(len(doc_lengths))
@@ -32,17 +37,38 @@ def synthetic_dataset(root: Path, doc_lengths: list[int], shard_tokens: int, val
         split = "val" if val_every and book_id % val_every == 0 else "train"
         tokens = rng.integers(0, EOT, length, dtype=np.uint16)
         output.add_document(book_id, split, tokens)
-        streams[split] += [tokens, np.array([EOT], dtype=np.uint16)]
+        if book_id not in drop:
+            streams[split] += [tokens, np.array([EOT], dtype=np.uint16)]
     output.close(str(root / "raw"), sources=[])
-    finalize(str(root))
+    duplicates = [Duplicate(book_id, 0, 1.0, 1.0, "edition") for book_id in drop]
+    write_manifest(str(root), merge_task_manifests(read_task_manifests(str(root), 1), duplicates))
     return str(root), {name: np.concatenate(parts) for name, parts in streams.items() if parts}
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    # 100-token shards and 32-token windows (T=31): many windows straddle a shard boundary.
-    url, streams = synthetic_dataset(tmp_path / "ds", [150, 61, 230, 99, 400, 7, 300], shard_tokens=100, val_every=3)
+    # 100-token shards and 32-token windows (T=31): many windows straddle a shard boundary, and
+    # the dropped books' ranges start and end inside shards.
+    lengths = [150, 61, 230, 99, 400, 7, 300, 120]
+    url, streams = synthetic_dataset(tmp_path / "ds", lengths, shard_tokens=100, val_every=3, drop=(4, 7))
     return TokenDataset(url), streams
+
+
+def test_dropped_books_are_cut_out_of_the_splits(tmp_path, dataset):
+    data, streams = dataset
+    for split, stream in streams.items():
+        tokens = data.tokens(split)
+        assert tokens.num_tokens == len(stream)
+        assert np.array_equal(tokens.read(0, tokens.num_tokens), stream)
+        assert np.array_equal(tokens.read(45, 290), stream[45:290])  # across shards and a cut
+    assert len(data.document_tokens(6)) == 300 and int(data.document_tokens(5)[0]) == int(streams["train"][-8])
+    with pytest.raises(GptrainError, match=r"book 4 is not in the dataset \(it was dropped: duplicate: an edition of book 0"):
+        data.document_tokens(4)
+    manifest = load_manifest(data.url)
+    assert manifest["splits"]["train"]["tokens"] == len(streams["train"])
+    assert manifest["splits"]["train"]["documents"] == 3 and manifest["splits"]["val"]["documents"] == 3
+    kept = synthetic_dataset(tmp_path / "all", [150, 61, 230, 99, 400, 7, 300, 120], 100, val_every=3)[0]
+    assert load_manifest(kept)["fingerprint"] != manifest["fingerprint"]  # same shards, other content
 
 
 def expected_batch(stream: np.ndarray, window_ids: np.ndarray, context_length: int):

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from gptrain.cli import main as gptrain_main
+from gptrain.data.clean import CleanOptions
 from gptrain.data.loader import TokenDataset, TokenLoader
-from gptrain.data.manifest import fingerprint, finalize, load_manifest, split_params
+from gptrain.data.manifest import fingerprint, finalize, load_manifest
 from gptrain.data.prepare import PrepareConfig, run_prepare, split_of
 from gptrain.data.shards import HEADER_SIZE, parse_header
 from gptrain.errors import GptrainError
@@ -79,8 +80,15 @@ def test_prepare_writes_shards_and_manifest(tmp_path, capsys):
     assert [(s["file"], s["sha256"]) for s in manifest["sources"]] == [
         (f"books/{p.name}", hashlib.sha256(p.read_bytes()).hexdigest()) for p in raw_files
     ]
-    shas = [s["sha256"] for split in manifest["splits"].values() for s in split["shards"]]
-    assert manifest["fingerprint"] == fingerprint(shas, manifest["tokenizer"], split_params(manifest["params"]))
+    assert manifest["fingerprint"] == fingerprint(manifest["splits"], manifest["tokenizer"], manifest["params"])
+    shas = [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
+    assert manifest["params"]["cleaning"] == {"unwrap": True, "artifacts": True, "footnotes": "drop"}
+    assert manifest["params"]["dedup"]["enabled"] and manifest["duplicates"] == []
+    # Other options that happen to change no token still make another fingerprint.
+    prepare(tmp_path / "raw", tmp_path / "kept-notes", clean=CleanOptions(footnotes="keep"))
+    other = load_manifest(str(tmp_path / "kept-notes"))
+    assert [s["sha256"] for s in other["splits"]["train"]["shards"]] == shas
+    assert other["fingerprint"] != manifest["fingerprint"]
 
     # `show` prints the book as the model sees it; `stats` the totals and fingerprint.
     assert gptrain_main(["data", "show", str(tmp_path / "ds"), "--doc", "13"]) == 0
@@ -95,7 +103,7 @@ def test_prepare_writes_shards_and_manifest(tmp_path, capsys):
     assert "dropped: catalog language de" in capsys.readouterr().err
 
 
-def test_rerun_is_a_no_op_and_changes_redo_the_task(tmp_path):
+def test_rerun_is_a_no_op_and_another_dataset_is_replaced_only_on_request(tmp_path, capsys):
     raw_dir(tmp_path / "raw")
     ds = tmp_path / "ds"
     prepare(tmp_path / "raw", ds)
@@ -103,17 +111,42 @@ def test_rerun_is_a_no_op_and_changes_redo_the_task(tmp_path):
     prepare(tmp_path / "raw", ds)
     assert snapshot(ds) == before  # no file rewritten, not even the manifest
 
-    prepare(tmp_path / "raw", ds, shard_tokens=2000)  # other settings: the task is redone
+    # Other settings, other books, another input, another task count: refused, nothing touched.
+    refusals = [
+        (dict(shard_tokens=2000), r"t0of1 was prepared with other settings \(shard_tokens: 500 vs 2000\)"),
+        (dict(clean=CleanOptions(unwrap=False)), r"t0of1 was prepared with other settings \(cleaning: .*'unwrap': True.* vs .*'unwrap': False"),
+        (dict(num_tasks=2, task_index=1), r"tasks/t\*of1.json are the markers of a run of 1 task\(s\), this run has 2"),
+    ]
+    for overrides, message in refusals:
+        with pytest.raises(GptrainError, match=rf"{ds} holds another dataset: {message}.*pass --overwrite"):
+            prepare(tmp_path / "raw", ds, **overrides)
+    raw_dir(tmp_path / "other", extra_books=1)  # one book more
+    with pytest.raises(GptrainError, match=r"prepared from other books \(9 books then, 10 now; added 1000\)"):
+        prepare(tmp_path / "other", ds)
+    book = tmp_path / "raw" / "books" / "pg12.txt"
+    book.write_bytes(book.read_bytes().replace(b"begins.", b"begins again."))
+    argv = ["data", "prepare", "--input", str(tmp_path / "raw"), "--out", str(ds), "--workers", "1",
+            "--shard-tokens", "500", "--val-fraction", str(VAL_FRACTION)]
+    assert gptrain_main(argv) == 2
+    assert "prepared from other books (book 12 changed (books/pg12.txt))" in capsys.readouterr().err
+    assert snapshot(ds) == before
+
+    # --overwrite replaces it: the changed book, and no shard of the old dataset left behind.
+    assert gptrain_main(argv + ["--overwrite", "--shard-tokens", "2000"]) == 0
     manifest = load_manifest(str(ds))
     listed = {s["path"] for split in manifest["splits"].values() for s in split["shards"]}
-    assert {f"shards/{p.name}" for p in (ds / "shards").iterdir()} == listed  # old shards removed
+    assert {f"shards/{p.name}" for p in (ds / "shards").iterdir()} == listed
     assert manifest["params"]["shard_tokens"] == 2000
-
-    book = tmp_path / "raw" / "books" / "pg12.txt"
-    book.write_bytes(book.read_bytes().replace(b"begins.", b"begins again."))  # same inputs? no: redo
-    prepare(tmp_path / "raw", ds, shard_tokens=2000)
     text = get_tokenizer("gpt2").decode(TokenDataset(str(ds)).document_tokens(12).tolist())
     assert text.startswith("Chapter I. How book 12 begins again.")
+
+    # An array with another task count, with --overwrite: the 1-task run's files go.
+    for index in (0, 1):
+        prepare(tmp_path / "raw", ds, shard_tokens=2000, num_tasks=2, task_index=index, overwrite=True)
+    assert {p.name for p in (ds / "tasks").iterdir()} == {"t0of2.json", "t1of2.json", "t0of2-minhash.npy",
+                                                          "t1of2-minhash.npy"}
+    assert all("of2-" in p.name for p in (ds / "shards").iterdir())
+    assert load_manifest(str(ds))["num_tasks"] == 2
 
 
 def test_array_tasks_finalize_and_match_a_single_task(tmp_path, capsys):
@@ -140,9 +173,13 @@ def test_array_tasks_finalize_and_match_a_single_task(tmp_path, capsys):
     assert (arr / "manifest.json").read_bytes() == written
 
     # New settings: the first task to rerun invalidates the manifest; the last one rewrites it.
-    prepare(tmp_path / "raw", arr, task_index=1, num_tasks=2, shard_tokens=300)
+    prepare(tmp_path / "raw", arr, task_index=1, num_tasks=2, shard_tokens=300, overwrite=True)
     assert not (arr / "manifest.json").exists()  # task 0's marker still has the old settings
-    prepare(tmp_path / "raw", arr, task_index=0, num_tasks=2, shard_tokens=300)
+    prepare(tmp_path / "raw", arr, task_index=0, num_tasks=2, shard_tokens=500)  # its own marker: nothing to do
+    assert not (arr / "manifest.json").exists()  # and no manifest from tasks with different settings
+    with pytest.raises(GptrainError, match="task 1 ran with different settings than task 0; rerun it"):
+        finalize(str(arr))
+    prepare(tmp_path / "raw", arr, task_index=0, num_tasks=2, shard_tokens=300, overwrite=True)
     assert load_manifest(str(arr))["params"]["shard_tokens"] == 300
 
 

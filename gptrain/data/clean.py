@@ -3,7 +3,9 @@
 Steps, in order: normalise line endings, cut the PG header and footer, decode (UTF-8 with
 or without BOM, else Latin-1), collapse runs of blank lines (the reference's
 `re.sub(r'\\n\\s*\\n', '\\n\\n', text)`), then drop the PG paragraphs that sit between the
-markers and the body (producer credits, "The Project Gutenberg Etext of ...").
+markers and the body (producer credits, "The Project Gutenberg Etext of ..."). Then, as
+`CleanOptions` say (all on by default), prose cleaning (prose.py): transcriber artifacts
+removed, hard-wrapped paragraphs joined.
 
 The first two steps work on bytes: markers are ASCII, and both encodings PG uses are
 ASCII-compatible (a newline byte never sits inside a UTF-8 character), so cutting before
@@ -25,7 +27,10 @@ import codecs
 import re
 from dataclasses import dataclass
 
+from gptrain.data.prose import remove_artifacts, unwrap_paragraphs
 from gptrain.errors import GptrainError
+
+FOOTNOTE_MODES = ("drop", "keep")
 
 # Marker patterns match a whole line from its start, ignoring case.
 # A line that ends the header: everything up to and including it is PG's.
@@ -54,10 +59,30 @@ _BLANK_RUN = re.compile(r"\n\s+\n")
 _LEADING_BLANK_LINES = re.compile(r"\A\s*\n")
 
 
-def clean_book(data: bytes) -> str:
+@dataclass(frozen=True)
+class CleanOptions:
+    """How far `clean_book` goes past cutting PG's header and footer (recorded in the manifest)."""
+
+    unwrap: bool = True  # join hard-wrapped prose paragraphs into one line each (prose.py)
+    artifacts: bool = True  # remove transcriber tags, page numbers and `_` emphasis marks
+    footnotes: str = "drop"  # with artifacts: "drop" footnotes and their markers, or "keep" them
+
+    def __post_init__(self) -> None:
+        if self.footnotes not in FOOTNOTE_MODES:
+            raise GptrainError(f"footnotes must be one of {', '.join(FOOTNOTE_MODES)}, got {self.footnotes!r}")
+
+
+# Only PG's header, footer and credits removed: the book's text as PG has it.
+MARKERS_ONLY = CleanOptions(unwrap=False, artifacts=False)
+
+
+def clean_book(data: bytes, options: CleanOptions = CleanOptions()) -> str:
     """Raw bytes of a PG file -> clean body text ('' when nothing is left)."""
     text = collapse_blank_lines(decode(strip_markers(normalise_newlines(data))))
-    return _strip_blank_lines(drop_boilerplate_paragraphs(text))
+    text = _strip_blank_lines(drop_boilerplate_paragraphs(text))
+    if options.artifacts:
+        text = _strip_blank_lines(collapse_blank_lines(remove_artifacts(text, drop_footnotes=options.footnotes == "drop")))
+    return unwrap_paragraphs(text) if options.unwrap else text
 
 
 def decode(data: bytes) -> str:

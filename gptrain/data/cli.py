@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 
 from gptrain.data import download
+from gptrain.data.clean import FOOTNOTE_MODES, CleanOptions
+from gptrain.data.dedup import DedupOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="tasks in the job array (default: GPTRAIN_NUM_TASKS, or a whole Slurm array's count)")
     prepare.add_argument("--no-finalize", action="store_true",
                          help="do not write DATASET/manifest.json even when every task has finished")
+    prepare.add_argument("--overwrite", action="store_true",
+                         help="replace a dataset in DATASET prepared from other books or with other settings "
+                         "(refused without it)")
+    cleaning = prepare.add_argument_group("cleaning (recorded in the manifest; `gptrain data show` shows the result)")
+    cleaning.add_argument("--no-unwrap", action="store_true",
+                          help="keep the hard line wraps instead of joining each prose paragraph into one line")
+    cleaning.add_argument("--keep-artifacts", action="store_true",
+                          help="keep [Illustration] tags, page numbers, footnotes and the _ emphasis marks")
+    cleaning.add_argument("--footnotes", choices=FOOTNOTE_MODES, default=CleanOptions.footnotes,
+                          help="drop [Footnote ...] blocks, note markers and note paragraphs, or keep them "
+                          "(default: %(default)s)")
+    dedup = prepare.add_argument_group("near-duplicate editions (MinHash + LSH, resolved at finalize)")
+    dedup.add_argument("--no-dedup", action="store_true", help="keep every edition of a work")
+    dedup.add_argument("--dedup-threshold", type=float, default=DedupOptions.threshold,
+                       help="drop a book when this estimated share of its 5-word shingles is in a kept book "
+                       "(default: %(default)s)")
     prepare.set_defaults(func=run_prepare_command)
 
     finalize = commands.add_parser(
@@ -90,6 +108,9 @@ def run_prepare_command(args: argparse.Namespace) -> int:
         task_index=args.task_index,
         num_tasks=args.num_tasks,
         finalize=not args.no_finalize,
+        clean=CleanOptions(unwrap=not args.no_unwrap, artifacts=not args.keep_artifacts, footnotes=args.footnotes),
+        dedup=DedupOptions(enabled=not args.no_dedup, threshold=args.dedup_threshold),
+        overwrite=args.overwrite,
     )
     run_prepare(config)
     return 0
@@ -114,6 +135,13 @@ def run_stats_command(args: argparse.Namespace) -> int:
     print(f"tokenizer    {manifest['tokenizer'].get('name', '?')} (vocab {manifest['vocab_size']}, "
           f"{manifest['token_dtype']} tokens)")
     print(f"books        {kept} kept, {dropped} dropped, {kept + dropped} read")
+    cleaning = manifest["params"]["cleaning"]
+    footnotes = "dropped" if cleaning["footnotes"] == "drop" else "kept"
+    artifacts = f"removed, footnotes {footnotes}" if cleaning["artifacts"] else "kept"
+    print(f"cleaning     paragraphs {'unwrapped' if cleaning['unwrap'] else 'as wrapped'}, artifacts {artifacts}")
+    dedup = manifest["params"]["dedup"]
+    print(f"dedup        {len(manifest['duplicates'])} duplicate editions dropped (threshold {dedup['threshold']})"
+          if dedup["enabled"] else "dedup        off")
     for name, split in splits.items():
         size = sum(s["bytes"] for s in split["shards"])
         shards = len(split["shards"])

@@ -1,8 +1,22 @@
 """`gptrain data download`: fetch Project Gutenberg plain-text books into RAW_DIR.
 
-The mirror is gutenberg.org (default), another http(s) mirror, a local folder or any fsspec
-URL laid out like gutenberg.org: `cache/epub/feeds/pg_catalog.csv` and
-`cache/epub/<id>/pg<id>.txt`. RAW_DIR (a folder or fsspec URL) receives:
+Mirrors, in the order Project Gutenberg prefers them for anything beyond a few books:
+
+  rsync://HOST[:PORT]/MODULE, HOST::MODULE    an rsync mirror (rsync.py), e.g.
+                                              rsync://aleph.gutenberg.org/gutenberg-epub
+  a folder or fsspec URL                      laid out like gutenberg.org (a local mirror)
+  http(s)://...                               gutenberg.org (the default) or another http
+                                              mirror, for small selections: one politeness
+                                              budget for the whole job array
+
+Against an http(s) mirror, `--rate` (default 2 requests/s) and `--concurrency` (4) are the
+budget of the whole array: task i of n starts at most rate/n requests per second with
+concurrency//n (at least 1) in flight, so an array is no harder on the server than one
+task. gutenberg.org itself serves at most MAIN_SITE_MAX_BOOKS books and one task: its
+robot policy asks for bulk downloads to go through a mirror.
+
+Layouts: `cache/epub/feeds/pg_catalog.csv` (or `--catalog`) and `cache/epub/<id>/pg<id>.txt`
+(rsync mirrors: also PG's collection layout). RAW_DIR (a folder or fsspec URL) receives:
 
     RAW_DIR/catalog.csv                           the catalog as served (prepare reads languages)
     RAW_DIR/books/pg<id>.txt                      each book's bytes exactly as served
@@ -16,35 +30,47 @@ of tasks can run at once on the same RAW_DIR without coordination.
 from __future__ import annotations
 
 import argparse
-import email.utils
-import http.client
 import logging
-import random
-import threading
+import os
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
-from gptrain import __version__, storage
-from gptrain.array_task import resolve_array_task
-from gptrain.data.catalog import CATALOG_PATH, CatalogEntry, parse_catalog, parse_languages, select_books
+from gptrain import storage
+from gptrain.array_task import ArrayTask, resolve_array_task
+from gptrain.data.catalog import (
+    CATALOG_PATH,
+    TEXT_TYPE,
+    CatalogEntry,
+    Selection,
+    parse_catalog,
+    parse_id_range,
+    parse_languages,
+    select_books,
+)
+from gptrain.data.http_mirror import POLITE_HTTP_RATE, FetchError, HttpSettings, Mirror, NotOnMirror
+from gptrain.data.rsync import (
+    CATALOG_CANDIDATES,
+    RsyncMirror,
+    RsyncSettings,
+    candidate_paths,
+    is_rsync_mirror,
+    staging_dir,
+)
+from gptrain.data.shards import default_cache_dir
 from gptrain.errors import GptrainError
 from gptrain.progress import Progress
 
 log = logging.getLogger("gptrain")
 
 DEFAULT_MIRROR = "https://www.gutenberg.org/"
-# Requests per second to an http(s) mirror unless --rate says otherwise: gentle on a shared
-# volunteer-run server. Folders and object stores are ours, so they get no limit by default.
-POLITE_HTTP_RATE = 2.0
-USER_AGENT = f"gptrain/{__version__} (Project Gutenberg text downloader for language-model pretraining)"
-# A longer Retry-After is cut to this, so that one answer cannot park a worker for hours.
-MAX_RETRY_AFTER_S = 600.0
-MAX_BACKOFF_S = 120.0
+# gutenberg.org's own hosts: small selections only, from one task (bulk goes through mirrors).
+MAIN_SITE_HOSTS = ("www.gutenberg.org", "gutenberg.org")
+MAIN_SITE_MAX_BOOKS = 1000
+SUGGESTED_MIRROR = "rsync://aleph.gutenberg.org/gutenberg-epub"
 
 
 def book_file_name(book_id: int) -> str:
@@ -77,12 +103,18 @@ class DownloadConfig:
     out: str
     mirror: str = DEFAULT_MIRROR
     languages: tuple[str, ...] = ("en",)
+    types: tuple[str, ...] = (TEXT_TYPE,)  # catalog Type values
+    subjects: tuple[str, ...] = ()  # any of these substrings in the Subjects column
+    bookshelves: tuple[str, ...] = ()  # any of these substrings in the Bookshelves column
+    id_ranges: tuple[tuple[int, int], ...] = ()  # inclusive book id ranges
     limit: int | None = None  # the first N selected books by id (before the array split)
     ids: tuple[int, ...] | None = None  # only these books
     task_index: int | None = None  # None: from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX
     num_tasks: int | None = None  # None: GPTRAIN_NUM_TASKS, or a whole Slurm array's count
-    concurrency: int = 4  # requests in flight at once
-    rate: float | None = None  # requests started per second by this task, retries included; 0 = no limit
+    concurrency: int = 4  # http(s): requests in flight, for the whole array; else per task
+    rate: float | None = None  # http(s): requests started per second by the whole array, retries included; 0 = no limit
+    catalog: str | None = None  # the catalog's path or URL when the mirror has none (PG's rsync collection)
+    bwlimit: int | None = None  # rsync mirrors: KiB/s
     retries: int = 5  # further attempts after a timeout, connection error, 5xx or 429
     timeout: float = 60.0  # seconds without progress on connect or read before giving up on an attempt
     backoff: float = 1.0  # first retry delay in seconds; doubles per retry, with jitter
@@ -104,131 +136,18 @@ class DownloadConfig:
             raise GptrainError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.backoff < 0:
             raise GptrainError(f"backoff must be >= 0 seconds, got {self.backoff}")
+        if self.bwlimit is not None and self.bwlimit < 1:
+            raise GptrainError(f"bwlimit must be >= 1 KiB/s, got {self.bwlimit}")
+        self.selection  # built here so that a bad selection fails before any download
 
+    @property
+    def http_settings(self) -> HttpSettings:
+        return HttpSettings(self.rate, self.concurrency, self.retries, self.timeout, self.backoff)
 
-class NotOnMirror(Exception):
-    """The mirror answered that the file does not exist (HTTP 404/410, missing file)."""
-
-
-class FetchError(Exception):
-    """One attempt failed; `transient` failures (timeouts, 5xx, 429, resets) are retried."""
-
-    def __init__(self, reason: str, transient: bool, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.transient, self.retry_after = reason, transient, retry_after
-        self.attempts = 1  # set by Mirror.fetch to the attempts spent when it gives up
-
-
-class RateLimiter:
-    """Spaces request starts at least 1/rate seconds apart across all worker threads."""
-
-    def __init__(self, rate: float):
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self._next_start = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self.interval:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next_start)
-            self._next_start = start + self.interval
-        time.sleep(start - now)
-
-
-@dataclass(frozen=True)
-class Fetched:
-    data: bytes
-    attempts: int
-    seconds: float  # duration of the attempt that succeeded (not rate-limit waits or backoff)
-
-
-class Mirror:
-    """Reads files from a mirror base with a polite rate limit and retries with backoff.
-
-    http(s) mirrors go through urllib (we control the User-Agent, timeouts and which
-    status codes are retried); local folders and other fsspec URLs through storage.
-    """
-
-    def __init__(self, base: str, config: DownloadConfig):
-        self.base = base
-        self.config = config
-        self.is_http = urllib.parse.urlsplit(base).scheme in ("http", "https")
-        default_rate = POLITE_HTTP_RATE if self.is_http else 0.0
-        self.limiter = RateLimiter(default_rate if config.rate is None else config.rate)
-        if not self.is_http:
-            try:
-                self.fs, self.root = storage.filesystem(base)
-            except (ValueError, ImportError) as err:
-                raise GptrainError(f"--mirror {base}: not a folder, http(s) or fsspec URL ({err})") from err
-
-    def url(self, path: str) -> str:
-        return storage.join(self.base, path)
-
-    def fetch(self, path: str) -> Fetched:
-        """Read `path` under the base. Raises NotOnMirror, or FetchError once retries are spent."""
-        url = self.url(path)
-        attempt = 1
-        while True:
-            self.limiter.wait()
-            started = time.monotonic()
-            try:
-                data = self._read_http(url) if self.is_http else self._read_fsspec(path)
-                return Fetched(data, attempt, round(time.monotonic() - started, 3))
-            except FetchError as err:
-                if not err.transient or attempt > self.config.retries:
-                    err.attempts = attempt
-                    raise
-                delay = err.retry_after if err.retry_after is not None else self._backoff(attempt)
-                log.info("download: %s: %s; retry %d of %d in %.1fs", url, err.reason, attempt,
-                         self.config.retries, delay)
-                time.sleep(delay)
-                attempt += 1
-
-    def _backoff(self, attempt: int) -> float:
-        # Jitter spreads out the retries of many workers (and array tasks) that failed together.
-        return min(MAX_BACKOFF_S, self.config.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-
-    def _read_http(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as err:
-            err.close()
-            if err.code in (404, 410):
-                raise NotOnMirror(url) from err
-            transient = err.code == 429 or err.code >= 500
-            retry_after = _retry_after_seconds(err.headers.get("Retry-After")) if transient else None
-            raise FetchError(f"HTTP {err.code} {err.reason}", transient, retry_after) from err
-        except (OSError, http.client.HTTPException) as err:
-            # URLError (refused, DNS), TimeoutError, resets, IncompleteRead: all may pass.
-            reason = err.reason if isinstance(err, urllib.error.URLError) else err
-            raise FetchError(f"{type(err).__name__}: {reason}", transient=True) from err
-
-    def _read_fsspec(self, path: str) -> bytes:
-        try:
-            return self.fs.cat_file(storage.join(self.root, path))
-        except FileNotFoundError as err:
-            raise NotOnMirror(self.url(path)) from err
-        except OSError as err:
-            raise FetchError(f"{type(err).__name__}: {err}", transient=True) from err
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After is either delay seconds or an HTTP date (RFC 9110 section 10.2.3)."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = (when - datetime.now(timezone.utc)).total_seconds()
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+    @property
+    def selection(self) -> Selection:
+        return Selection(tuple(self.languages), tuple(self.types), tuple(self.subjects), tuple(self.bookshelves),
+                         tuple(self.id_ranges))
 
 
 @dataclass
@@ -258,14 +177,14 @@ class DownloadReport:
 
 def choose_books(entries: list[CatalogEntry], config: DownloadConfig, source: str) -> list[CatalogEntry]:
     """Catalog -> the books all tasks download together: same answer in every task."""
-    chosen = select_books(entries, config.languages)
+    chosen = select_books(entries, config.selection)
     if config.ids is not None:
         by_id = {e.book_id: e for e in chosen}
         unknown = sorted(set(config.ids) - set(by_id))
         if unknown:
             raise GptrainError(
-                f"--ids {','.join(map(str, unknown))}: not Text books in languages "
-                f"{','.join(config.languages)} in {source} (see --languages)"
+                f"--ids {','.join(map(str, unknown))}: not {'/'.join(config.types)} books in languages "
+                f"{','.join(config.languages)} in {source} (see --languages and the other selection options)"
             )
         chosen = [by_id[book_id] for book_id in sorted(set(config.ids))]
     return chosen[: config.limit]
@@ -283,9 +202,14 @@ def download(config: DownloadConfig) -> DownloadReport:
         num_tasks=task.count,
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    mirror = Mirror(config.mirror, config)
-    catalog_bytes, catalog_source = _fetch_catalog(mirror)
+    source = _open_mirror(config, task)
+    if config.catalog:
+        folder, _, name = config.catalog.rpartition("/")
+        catalog_bytes, catalog_source = Mirror(folder or ".", config.http_settings).catalog(name)
+    else:
+        catalog_bytes, catalog_source = source.catalog()
     chosen = choose_books(parse_catalog(catalog_bytes, catalog_source), config, catalog_source)
+    check_main_site(config.mirror, task.count, len(chosen))
     mine = [e.book_id for e in chosen if task.owns(e.book_id)]
     report.selected = len(mine)
     try:
@@ -301,19 +225,8 @@ def download(config: DownloadConfig) -> DownloadReport:
         "download: task %d of %d, %d books from %s (%d already present)",
         task.index, task.count, len(mine), config.mirror, len(report.skipped),
     )
-    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="download")
-    try:
-        futures = [pool.submit(_download_book, mirror, config.out, book_id) for book_id in todo]
-        with Progress(total=len(todo), desc="download", unit="books") as progress:
-            for future in as_completed(futures):
-                outcome, entry = future.result()
-                getattr(report, outcome).append(entry)
-                report.bytes_downloaded += entry.get("bytes", 0)
-                progress.update()
-    finally:
-        # On an error or Ctrl-C, drop the queued books instead of fetching all of them first.
-        pool.shutdown(wait=True, cancel_futures=True)
-
+    if todo:
+        source.download_books(todo, config.out, report)
     for outcomes in (report.downloaded, report.not_found, report.failed):
         outcomes.sort(key=lambda outcome: outcome["book_id"])
     report.elapsed_s = round(time.monotonic() - started, 3)
@@ -324,15 +237,111 @@ def download(config: DownloadConfig) -> DownloadReport:
     return report
 
 
-def _fetch_catalog(mirror: Mirror) -> tuple[bytes, str]:
-    url = mirror.url(CATALOG_PATH)
-    try:
-        data = mirror.fetch(CATALOG_PATH).data
-    except NotOnMirror as err:
-        raise GptrainError(f"{url}: no Project Gutenberg catalog there (is --mirror right?)") from err
-    except FetchError as err:
-        raise GptrainError(f"{url}: cannot read the catalog ({err.reason}; is --mirror right?)") from err
-    return data, url
+def _open_mirror(config: DownloadConfig, task: ArrayTask) -> HttpSource | RsyncSource:
+    if is_rsync_mirror(config.mirror):
+        return RsyncSource(config, task)
+    check_main_site(config.mirror, task.count)
+    return HttpSource(Mirror(config.mirror, config.http_settings, task.count))
+
+
+def check_main_site(mirror: str, num_tasks: int, selected: int = 0) -> None:
+    """gutenberg.org itself: one task, small selections. Its robot policy asks for anything
+    bigger to come from a mirror, and an array of tasks must not multiply the load."""
+    if urllib.parse.urlsplit(mirror).hostname not in MAIN_SITE_HOSTS:
+        return
+    if num_tasks > 1:
+        raise GptrainError(
+            f"--mirror {mirror}: gutenberg.org asks for bulk downloads to use a mirror, and is downloaded from "
+            f"by one task, not an array of {num_tasks}: use an rsync mirror (--mirror {SUGGESTED_MIRROR})"
+        )
+    if selected > MAIN_SITE_MAX_BOOKS:
+        raise GptrainError(
+            f"--mirror {mirror}: {selected} books selected; gutenberg.org serves small selections (at most "
+            f"{MAIN_SITE_MAX_BOOKS} books) and asks for bulk downloads to use a mirror: --mirror {SUGGESTED_MIRROR} "
+            "(or --limit/--ids for a small selection)"
+        )
+
+
+class HttpSource:
+    """An http(s) mirror, folder or fsspec URL as a download source: the catalog, then the
+    books by a pool of threads, each book on its own, so one bad book never stops the rest."""
+
+    def __init__(self, mirror: Mirror):
+        self.mirror = mirror
+
+    def catalog(self) -> tuple[bytes, str]:
+        return self.mirror.catalog(CATALOG_PATH)
+
+    def download_books(self, book_ids: list[int], raw_dir: str, report: DownloadReport) -> None:
+        pool = ThreadPoolExecutor(max_workers=self.mirror.concurrency, thread_name_prefix="download")
+        try:
+            futures = [pool.submit(_download_book, self.mirror, raw_dir, book_id) for book_id in book_ids]
+            with Progress(total=len(book_ids), desc="download", unit="books") as progress:
+                for future in as_completed(futures):
+                    outcome, entry = future.result()
+                    getattr(report, outcome).append(entry)
+                    report.bytes_downloaded += entry.get("bytes", 0)
+                    progress.update()
+        finally:
+            # On an error or Ctrl-C, drop the queued books instead of fetching all of them first.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RsyncSource:
+    """An rsync mirror (rsync.py) as a download source: the catalog, then the task's books in
+    one transfer."""
+
+    def __init__(self, config: DownloadConfig, task: ArrayTask):
+        settings = RsyncSettings(config.timeout, config.retries, config.backoff, config.bwlimit)
+        staging = staging_dir(config.out, f"t{task.index}of{task.count}", default_cache_dir())
+        self.mirror = RsyncMirror(config.mirror, settings, staging)
+
+    def catalog(self) -> tuple[bytes, str]:
+        path = self.mirror.fetch_first({0: list(CATALOG_CANDIDATES)}).get(0)
+        if path is None:
+            raise GptrainError(
+                f"{self.mirror.url}: no Project Gutenberg catalog there ({' or '.join(CATALOG_CANDIDATES)}); pass "
+                "--catalog PATH_OR_URL (e.g. https://www.gutenberg.org/cache/epub/feeds/pg_catalog.csv)"
+            )
+        return self.mirror.staged(path).read_bytes(), self.mirror.url + path
+
+    def download_books(self, book_ids: list[int], raw_dir: str, report: DownloadReport) -> None:
+        """Each book's preferred file (see rsync.py), then moved into RAW_DIR/books; books
+        without a file are reported not found."""
+        started = time.monotonic()
+        chosen = self.mirror.fetch_first({book_id: candidate_paths(book_id) for book_id in book_ids})
+        seconds = round(time.monotonic() - started, 3)
+        for book_id in sorted(book_ids):
+            path = chosen.get(book_id)
+            if path is None:
+                report.not_found.append({"book_id": book_id, "url": self.mirror.url + candidate_paths(book_id)[0]})
+                continue
+            staged, target = self.mirror.staged(path), raw_book_url(raw_dir, book_id)
+            size = staged.stat().st_size
+            try:
+                _place(staged, target)
+            except OSError as err:
+                report.failed.append({"book_id": book_id, "url": self.mirror.url + path,
+                                      "reason": f"writing {target}: {err}", "attempts": 1})
+                continue
+            report.downloaded.append({"book_id": book_id, "file": path, "bytes": size, "seconds": seconds,
+                                      "attempts": 1})
+            report.bytes_downloaded += size
+
+
+def _place(staged: Path, target: str) -> None:
+    """Move a complete staged file to its RAW_DIR path: a rename within a filesystem (atomic),
+    else an atomic write of its bytes."""
+    if storage.is_local(target):
+        path = storage.filesystem(target)[1]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.replace(staged, path)
+            return
+        except OSError:
+            pass  # another filesystem: write it below
+    storage.write_bytes_atomic(target, staged.read_bytes())
+    staged.unlink()
 
 
 def _books_present(raw_dir: str) -> set[str]:
@@ -362,7 +371,8 @@ def _download_book(mirror: Mirror, raw_dir: str, book_id: int) -> tuple[str, dic
         reason = f"writing {target}: {err}"
         return "failed", {"book_id": book_id, "url": url, "reason": reason, "attempts": fetched.attempts}
     return "downloaded", {
-        "book_id": book_id, "bytes": len(fetched.data), "seconds": fetched.seconds, "attempts": fetched.attempts,
+        "book_id": book_id, "file": mirror_book_path(book_id), "bytes": len(fetched.data), "seconds": fetched.seconds,
+        "attempts": fetched.attempts,
     }
 
 
@@ -381,12 +391,23 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--mirror", default=DownloadConfig.mirror,
-                        help="mirror base: http(s) URL, local folder or fsspec URL laid out like gutenberg.org "
-                        "(default: %(default)s)")
+                        help="rsync://HOST[:PORT]/MODULE or HOST::MODULE (the way for more than a few books, e.g. "
+                        f"{SUGGESTED_MIRROR}), a folder or fsspec URL laid out like gutenberg.org, or an http(s) "
+                        "URL (default: %(default)s, for small selections)")
+    parser.add_argument("--catalog", metavar="PATH_OR_URL",
+                        help="pg_catalog.csv from elsewhere, for a mirror without one (PG's rsync collection)")
     parser.add_argument("--out", required=True, metavar="RAW_DIR", help="output folder or fsspec URL (s3://...)")
     parser.add_argument("--languages", default="en",
                         help="comma-separated language codes; a book is kept if any of its languages is listed "
                         "(default: %(default)s)")
+    parser.add_argument("--types", default=TEXT_TYPE,
+                        help="comma-separated catalog Types to keep (default: %(default)s; not Sound)")
+    parser.add_argument("--subject", action="append", default=[], metavar="SUBSTRING",
+                        help="keep books whose Subjects contain this (ignoring case); repeat for any of several")
+    parser.add_argument("--bookshelf", action="append", default=[], metavar="SUBSTRING",
+                        help="keep books whose Bookshelves contain this (ignoring case); repeat for any of several")
+    parser.add_argument("--id-range", action="append", default=[], metavar="FIRST-LAST",
+                        help="keep books with ids in this inclusive range; repeat for several")
     parser.add_argument("--limit", type=int, help="only the first N selected books, by book id")
     parser.add_argument("--ids", type=_book_ids, help="only these books (comma-separated ids)")
     parser.add_argument("--task-index", type=int,
@@ -395,10 +416,12 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-tasks", type=int,
                         help="tasks in the job array (default: GPTRAIN_NUM_TASKS, or a whole Slurm array's count)")
     parser.add_argument("--concurrency", type=int, default=DownloadConfig.concurrency,
-                        help="requests in flight (default: %(default)s)")
+                        help="requests in flight; over http(s), for the whole job array (default: %(default)s)")
     parser.add_argument("--rate", type=float,
-                        help=f"requests per second started by this task, 0 = no limit (default: "
-                        f"{POLITE_HTTP_RATE:g} for http(s) mirrors, no limit for folders and other URLs)")
+                        help="requests per second, 0 = no limit; over http(s), for the whole job array: each of n "
+                        f"tasks starts rate/n (default: {POLITE_HTTP_RATE:g} for http(s) mirrors, no limit for "
+                        "folders and other URLs)")
+    parser.add_argument("--bwlimit", type=int, metavar="KIB_PER_S", help="rsync mirrors: bandwidth limit")
     parser.add_argument("--retries", type=int, default=DownloadConfig.retries,
                         help="retries after a timeout, connection error, 5xx or 429 (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DownloadConfig.timeout,
@@ -413,12 +436,18 @@ def run_download(args: argparse.Namespace) -> int:
         out=args.out,
         mirror=args.mirror,
         languages=parse_languages(args.languages),
+        types=tuple(t.strip() for t in args.types.split(",") if t.strip()),
+        subjects=tuple(args.subject),
+        bookshelves=tuple(args.bookshelf),
+        id_ranges=tuple(parse_id_range(r) for r in args.id_range),
         limit=args.limit,
         ids=args.ids,
         task_index=args.task_index,
         num_tasks=args.num_tasks,
         concurrency=args.concurrency,
         rate=args.rate,
+        catalog=args.catalog,
+        bwlimit=args.bwlimit,
         retries=args.retries,
         timeout=args.timeout,
         backoff=args.backoff,

@@ -1,6 +1,6 @@
 """Training batches from a prepared dataset: memory-mapped shards, seeded order, exact resume.
 
-Windows. A split's token stream (its shards concatenated in manifest order) is cut into
+Windows. A split's token stream (its shards' segments concatenated in manifest order) is cut into
 non-overlapping windows of `context_length + 1` tokens: window w is tokens
 [w*(T+1), (w+1)*(T+1)), and x = window[:-1], y = window[1:]. Shards are fixed-size cuts of
 the stream, not document boundaries, so a window that straddles two shards is read from
@@ -37,25 +37,28 @@ if TYPE_CHECKING:
 
 
 class SplitTokens:
-    """One split's token stream over its shards; shards are fetched and mapped on first use."""
+    """One split's token stream: segments of its shards (finalize leaves out dropped
+    duplicates' ranges); shards are fetched and mapped on first use."""
 
-    def __init__(self, dataset: str, shards: list[dict[str, Any]], cache_dir: str | None, verify: bool):
+    def __init__(self, dataset: str, split: dict[str, Any], cache_dir: str | None, verify: bool):
         self.dataset, self.cache_dir, self.verify = dataset, cache_dir, verify
-        self._shards = [s for s in shards if s["tokens"] > 0]
-        self._starts = np.cumsum([0] + [s["tokens"] for s in self._shards], dtype=np.int64)
+        self._shards = split["shards"]
+        self._segments = np.array([s for s in split["segments"] if s[2] > s[1]], dtype=np.int64).reshape(-1, 3)
+        self._starts = np.concatenate(([0], np.cumsum(self._segments[:, 2] - self._segments[:, 1])))
         self.num_tokens = int(self._starts[-1])
         self._maps: dict[int, np.ndarray] = {}
 
     def read(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the stream (a view into the map when it lies in one shard)."""
+        """Tokens [start, end) of the stream (a view into the map when it lies in one segment)."""
         if not 0 <= start <= end <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {end}) outside the split's {self.num_tokens} tokens")
         parts = []
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+        segment = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < end:
-            offset, stop = int(self._starts[shard]), min(end, int(self._starts[shard + 1]))
-            parts.append(self._map(shard)[start - offset : stop - offset])
-            start, shard = stop, shard + 1
+            offset, stop = int(self._starts[segment]), min(end, int(self._starts[segment + 1]))
+            shard, first, _ = (int(v) for v in self._segments[segment])
+            parts.append(self._map(shard)[first + start - offset : first + stop - offset])
+            start, segment = stop, segment + 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _map(self, index: int) -> np.ndarray:
@@ -85,8 +88,8 @@ class TokenDataset:
         self.tokenizer_spec: dict = manifest["tokenizer"]
         self.vocab_size: int = manifest["vocab_size"]
         self.eot_id: int = manifest["eot_id"]
-        self._split_shards = {name: split["shards"] for name, split in manifest["splits"].items()}
-        self._split_names = sorted(self._split_shards)
+        self._split_entries = manifest["splits"]
+        self._split_names = sorted(self._split_entries)
         docs = manifest["documents"]
         self._doc_ids = np.array([d["book_id"] for d in docs], dtype=np.int64)
         self._doc_spans = np.array(
@@ -96,10 +99,10 @@ class TokenDataset:
         self._splits: dict[str, SplitTokens] = {}
 
     def tokens(self, split: str) -> SplitTokens:
-        if split not in self._split_shards:
+        if split not in self._split_entries:
             raise GptrainError(f"{self.url}: no split {split!r}; it has {', '.join(self._split_names)}")
         if split not in self._splits:
-            self._splits[split] = SplitTokens(self.url, self._split_shards[split], self.cache_dir, self.verify)
+            self._splits[split] = SplitTokens(self.url, self._split_entries[split], self.cache_dir, self.verify)
         return self._splits[split]
 
     def document_tokens(self, book_id: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,17 +24,22 @@ import numpy as np
 from gptrain import storage
 from gptrain.array_task import ArrayTask, resolve_array_task
 from gptrain.data.catalog import read_catalog
-from gptrain.data.clean import LanguageFilter, clean_book
+from gptrain.data.clean import CleanOptions, LanguageFilter, clean_book
+from gptrain.data.dedup import BookSketch, DedupOptions, options_record, signatures_bytes, sketch_book
 from gptrain.data.download import raw_book_path, raw_book_url, raw_catalog_url
 from gptrain.data.manifest import (
+    MANIFEST,
     SPLITS,
     VERSION,
+    build_manifest,
     finished_tasks,
     load_manifest,
     manifest_url,
-    merge_task_manifests,
+    param_diff,
     read_task_manifests,
+    signatures_path,
     task_marker_url,
+    task_digests,
     task_name,
     write_manifest,
 )
@@ -63,6 +68,9 @@ class PrepareConfig:
     task_index: int | None = None  # None: from the job array's environment
     num_tasks: int | None = None
     finalize: bool = True  # write DATASET/manifest.json once every task has finished
+    clean: CleanOptions = field(default_factory=CleanOptions)  # prose cleaning (recorded in the manifest)
+    dedup: DedupOptions = field(default_factory=DedupOptions)  # near-duplicate editions, resolved at finalize
+    overwrite: bool = False  # replace a different dataset found in `out` instead of refusing
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -138,20 +146,33 @@ class TaskOutput:
         self.eot = np.array([params["eot_id"]], dtype=dtype)
         self.documents: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
+        self.sketches: list[BookSketch] = []
 
-    def add_document(self, book_id: int, split: str, tokens: np.ndarray) -> None:
+    def add_document(self, book_id: int, split: str, tokens: np.ndarray, sketch: BookSketch | None = None) -> None:
         writer = self.writers[split]
         start = writer.num_tokens
         writer.add(tokens)
         self.documents.append({"book_id": book_id, "split": split, "start": start, "end": writer.num_tokens})
         writer.add(self.eot)
+        if sketch is not None:
+            self.sketches.append(sketch)
 
     def drop(self, book_id: int, reason: str) -> None:
         self.dropped.append({"book_id": book_id, "reason": reason})
 
     def close(self, input_url: str, sources: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write the remaining shards, then the task manifest (last: it marks the task done)."""
+        """Write the remaining shards and the MinHash signatures, then the task manifest (last:
+        it marks the task done)."""
         shards = [asdict(record) for split in SPLITS for record in self.writers[split].close()]
+        dedup = None
+        if self.params["dedup"]["enabled"]:
+            data = signatures_bytes(self.sketches, self.params["dedup"]["num_perm"])
+            path = signatures_path(self.task)
+            storage.write_bytes_atomic(storage.join(self.dataset, path), data)
+            dedup = {
+                "books": [sketch.record() for sketch in self.sketches],  # book_id, shingles, encoding, all_caps
+                "signatures": {"path": path, "sha256": hashlib.sha256(data).hexdigest()},
+            }
         marker = {
             "format": "gptrain-task",
             "version": VERSION,
@@ -161,6 +182,7 @@ class TaskOutput:
             "sources": sources,
             "documents": self.documents,
             "dropped": self.dropped,
+            "dedup": dedup,
             "shards": shards,
             "split_tokens": {split: self.writers[split].num_tokens for split in SPLITS},
         }
@@ -168,16 +190,32 @@ class TaskOutput:
         return marker
 
 
-def remove_task_files(dataset: str, task: ArrayTask) -> None:
-    """Delete this task's marker, shards and any temporary files a killed run left behind, and
-    the dataset manifest, which would no longer describe the shards."""
-    for url in (manifest_url(dataset), task_marker_url(dataset, task)):
-        fs, path = storage.filesystem(url)
-        if fs.exists(path):
+_TASK_FILE = re.compile(r"(?:^|[-/])t(\d+)of(\d+)[-.]")
+
+
+def remove_task_files(dataset: str, task: ArrayTask, other_runs: bool = False) -> None:
+    """Delete this task's marker, signatures, shards and any temporary files a killed run left
+    behind, and the dataset manifest, which would no longer describe the shards. With
+    `other_runs`, also every file of runs with another number of tasks (`--overwrite`)."""
+    def doomed(path: str) -> bool:
+        match = _TASK_FILE.search(path.rsplit("/", 1)[-1])
+        if match is None:
+            return False
+        index, count = int(match[1]), int(match[2])
+        return (index, count) == (task.index, task.count) or (other_runs and count != task.count)
+
+    fs, manifest = storage.filesystem(manifest_url(dataset))  # one filesystem holds the whole dataset
+    paths = [manifest] if fs.exists(manifest) else []
+    for folder in ("tasks", "shards"):
+        root = storage.filesystem(storage.join(dataset, folder))[1]
+        fs.invalidate_cache(root)  # other array tasks write here too
+        if fs.exists(root):
+            paths += [p for p in fs.ls(root, detail=False) if doomed(p)]
+    for path in paths:
+        try:
             fs.rm(path)
-    fs, root = storage.filesystem(storage.join(dataset, "shards"))
-    for path in fs.glob(f"{root}/*-{task_name(task)}-*"):
-        fs.rm(path)
+        except FileNotFoundError:
+            pass  # another task of an --overwrite array removed it first
 
 
 def run_prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -187,14 +225,20 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     params = _params(config, tokenizer)
     books = [book for book in list_books(config.input) if task.owns(book.book_id)]
     marker_url = task_marker_url(config.out, task)
-    if storage.exists(marker_url):
-        marker = storage.read_json(marker_url)
-        if marker.get("params") == params and _same_books(books, marker.get("sources") or []):
-            log.info("prepare %s: already done with these books and settings; nothing to do", task_name(task))
-            _finalize_if_complete(config, task, params)
-            return marker
-        log.info("prepare %s: books or settings changed since the last run; preparing again", task_name(task))
-    remove_task_files(config.out, task)
+    marker = storage.read_json(marker_url) if storage.exists(marker_url) else None
+    difference = _difference(config.out, task, params, books, marker)
+    if marker is not None and difference is None:
+        log.info("prepare %s: already done with these books and settings; nothing to do", task_name(task))
+        _finalize_if_complete(config, task, params)
+        return marker
+    if difference is not None:
+        if not config.overwrite:
+            raise GptrainError(
+                f"{config.out} holds another dataset: {difference}. Runs trained on it could no longer resume: "
+                "pass --overwrite to replace it, or prepare into another folder"
+            )
+        log.warning("prepare %s: replacing the dataset in %s (%s)", task_name(task), config.out, difference)
+    remove_task_files(config.out, task, other_runs=config.overwrite)
 
     started = time.monotonic()
     output = TaskOutput(config.out, task, params)
@@ -204,7 +248,8 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
     # importable __main__ (spawn would re-run a script without a main guard). fsspec resets
     # its IO loop and instance cache in forked children, so they open their own connections.
     context = multiprocessing.get_context("fork")
-    init_args = (tokenizer, config.language_filter, params["token_dtype"])
+    num_perm = config.dedup.num_perm if config.dedup.enabled else None
+    init_args = (tokenizer, config.language_filter, config.clean, num_perm, params["token_dtype"])
     with (
         context.Pool(max(1, min(config.workers, len(chunks))), initializer=_init_worker, initargs=init_args) as pool,
         Progress(total=sum(b.bytes for b in books), desc=f"prepare {task_name(task)}", unit="B") as progress,
@@ -218,7 +263,7 @@ def run_prepare(config: PrepareConfig) -> dict[str, Any]:
                     output.drop(book_id, result.drop_reason)
                 else:
                     split = split_of(book_id, config.val_fraction, config.split_seed)
-                    output.add_document(book_id, split, result.tokens)
+                    output.add_document(book_id, split, result.tokens, result.sketch)
                 progress.update(result.size)
     marker = output.close(config.input, sources)
     _log_summary(task, marker, time.monotonic() - started)
@@ -238,15 +283,54 @@ def _params(config: PrepareConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         "shard_tokens": config.shard_tokens,
         "languages": list(config.languages),
         "min_ascii_fraction": config.min_ascii_fraction,
+        "cleaning": asdict(config.clean),
+        "dedup": options_record(config.dedup),
     }
 
 
-def _same_books(books: list[RawBook], recorded: list[dict[str, Any]]) -> bool:
-    """Whether `books` are those a task manifest recorded; reads them only when ids, sizes and
-    catalog languages all match."""
-    if len(books) != len(recorded) or any(b.source(s["sha256"], b.bytes) != s for b, s in zip(books, recorded)):
-        return False
-    return all(_book_sha256(b.url) == s["sha256"] for b, s in zip(books, recorded))
+def _difference(
+    dataset: str, task: ArrayTask, params: dict[str, Any], books: list[RawBook], marker: dict[str, Any] | None
+) -> str | None:
+    """How the dataset already in `dataset` differs from what this task would prepare, or None.
+
+    Differs: this task's marker records other settings or other books; another task's marker
+    other settings; markers of a run with another number of tasks; a manifest from another
+    run. A finished task of this same run (same settings) is no difference, and neither are
+    the leftovers of a killed run (shards without a marker)."""
+    if marker is not None:
+        if marker.get("params") != params:
+            return f"{task_name(task)} was prepared with other settings ({param_diff(marker.get('params') or {}, params)})"
+        books_changed = _books_difference(books, marker.get("sources") or [])
+        return f"{task_name(task)} was prepared from other books ({books_changed})" if books_changed else None
+    for count, indexes in sorted(finished_tasks(dataset).items()):
+        if count != task.count:
+            return f"tasks/t*of{count}.json are the markers of a run of {count} task(s), this run has {task.count}"
+        for index in sorted(indexes - {task.index}):
+            other = storage.read_json(task_marker_url(dataset, ArrayTask(index, count)))
+            if other.get("params") != params:
+                return f"t{index}of{count} was prepared with other settings ({param_diff(other['params'], params)})"
+    if storage.exists(manifest_url(dataset)):
+        manifest = storage.read_json(manifest_url(dataset))
+        if manifest.get("params") != params or manifest.get("num_tasks") != task.count:
+            return f"its {MANIFEST} is from a run of {manifest.get('num_tasks')} task(s) with other settings"
+    return None
+
+
+def _books_difference(books: list[RawBook], recorded: list[dict[str, Any]]) -> str | None:
+    """What differs between `books` and those a task manifest recorded, or None; reads the
+    books only when ids, sizes and catalog languages all match."""
+    now, then = {b.book_id: b for b in books}, {s["book_id"]: s for s in recorded}
+    added, removed = sorted(now.keys() - then.keys()), sorted(then.keys() - now.keys())
+    if added or removed:
+        return f"{len(then)} books then, {len(now)} now; " + ", ".join(
+            f"{what} {', '.join(map(str, ids[:5]))}{' ...' if len(ids) > 5 else ''}"
+            for what, ids in (("added", added), ("removed", removed)) if ids
+        )
+    for book_id, book in sorted(now.items()):
+        source = then[book_id]
+        if book.source(source["sha256"], book.bytes) != source or _book_sha256(book.url) != source["sha256"]:
+            return f"book {book_id} changed ({book.file})"
+    return None
 
 
 def _finalize_if_complete(config: PrepareConfig, task: ArrayTask, params: dict[str, Any]) -> None:
@@ -256,10 +340,9 @@ def _finalize_if_complete(config: PrepareConfig, task: ArrayTask, params: dict[s
     markers = read_task_manifests(config.out, task.count)
     if any(marker["params"] != params for marker in markers):
         return  # a marker from an earlier run with other settings: that task has yet to redo its part
-    manifest = merge_task_manifests(markers)
-    if storage.exists(manifest_url(config.out)) and load_manifest(config.out) == manifest:
-        return
-    write_manifest(config.out, manifest)
+    if storage.exists(manifest_url(config.out)) and load_manifest(config.out).get("tasks") == task_digests(markers):
+        return  # written from these very task manifests already
+    write_manifest(config.out, build_manifest(config.out, markers))
     log.info("prepare: all %d tasks done; wrote %s", task.count, manifest_url(config.out))
 
 
@@ -305,8 +388,10 @@ def _book_sha256(url: str) -> str:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Tokenizer, language_filter: LanguageFilter, dtype: str) -> None:
-    _worker.update(tokenizer=tokenizer, filter=language_filter, dtype=np.dtype(dtype))
+def _init_worker(
+    tokenizer: Tokenizer, language_filter: LanguageFilter, clean: CleanOptions, num_perm: int | None, dtype: str
+) -> None:
+    _worker.update(tokenizer=tokenizer, filter=language_filter, clean=clean, num_perm=num_perm, dtype=np.dtype(dtype))
 
 
 class BookResult(NamedTuple):
@@ -315,16 +400,20 @@ class BookResult(NamedTuple):
     size: int
     drop_reason: str | None  # None: the book is kept
     tokens: np.ndarray | None
+    sketch: BookSketch | None  # a kept book's MinHash, with dedup on
 
 
 def _process_chunk(books: list[RawBook]) -> list[BookResult]:
-    """Read, clean, filter and tokenize a batch of books, one after the other."""
-    tokenizer, dtype = _worker["tokenizer"], _worker["dtype"]
+    """Read, clean, filter, tokenize and sketch a batch of books, one after the other."""
+    tokenizer, dtype, num_perm = _worker["tokenizer"], _worker["dtype"], _worker["num_perm"]
     results = []
     for book in books:
         data = _read_book(book.url)
-        text = clean_book(data)
+        text = clean_book(data, _worker["clean"])
         reason = "empty after cleaning" if not text else _worker["filter"].rejection(text, book.languages)
-        tokens = None if reason else tokenizer.encode_ordinary_array(text).astype(dtype, copy=False)
-        results.append(BookResult(book, hashlib.sha256(data).hexdigest(), len(data), reason, tokens))
+        tokens = sketch = None
+        if reason is None:
+            tokens = tokenizer.encode_ordinary_array(text).astype(dtype, copy=False)
+            sketch = sketch_book(book.book_id, data, text, num_perm) if num_perm else None
+        results.append(BookResult(book, hashlib.sha256(data).hexdigest(), len(data), reason, tokens, sketch))
     return results

@@ -7,19 +7,20 @@
     16      8     token count (uint64)
     24      8     zero padding, so the tokens start 32-byte aligned when memory-mapped
 
-A shard is written under a temporary name and renamed (or PUT whole to object storage),
-so a file with a shard's name is always complete; its sha256 in the manifest catches
-anything that changed it afterwards.
+A shard is written under a temporary name and renamed (or uploaded whole to object
+storage), so a file with a shard's name is always complete; its sha256 in the manifest
+catches anything that changed it afterwards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import struct
+import tempfile
 import uuid
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -36,11 +37,6 @@ _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 def token_dtype(n_vocab: int) -> np.dtype:
     """uint16 when every token id fits (GPT-2: 50257), else uint32."""
     return _DTYPES[2] if n_vocab <= 1 << 16 else _DTYPES[4]
-
-
-def encode_shard(tokens: np.ndarray, dtype: np.dtype) -> bytes:
-    header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(tokens))
-    return header + np.ascontiguousarray(tokens, dtype=dtype).tobytes()
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,11 @@ class ShardWriter:
     """Cuts one split's token stream into shards of `shard_tokens` tokens (the last may be short).
 
     Shards hold a stretch of the stream, not whole documents: a document may continue in the
-    next shard, and readers see the split as the concatenation of its shards.
+    next shard, and readers see the split as the concatenation of its shards. Tokens go to a
+    local spool file as they come, so memory stays at one book whatever the shard size; a
+    finished shard gets its token count in the header and moves into place whole (a rename
+    in a local dataset, one upload to object storage), so a file with a shard's name is
+    always complete.
     """
 
     def __init__(self, dataset: str, name_prefix: str, split: str, shard_tokens: int, dtype: np.dtype):
@@ -155,30 +155,65 @@ class ShardWriter:
         self.shard_tokens, self.dtype = shard_tokens, dtype
         self.num_tokens = 0  # tokens added so far: the next document's offset in the stream
         self.records: list[ShardRecord] = []
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
+        self._spool: BinaryIO | None = None  # the shard being written
+        self._spool_path = ""
+        self._spool_tokens = 0
 
     def add(self, tokens: np.ndarray) -> None:
-        self._pending.append(tokens)
-        self._pending_tokens += len(tokens)
+        tokens = np.ascontiguousarray(tokens, dtype=self.dtype)
         self.num_tokens += len(tokens)
-        if self._pending_tokens >= self.shard_tokens:
-            stream = np.concatenate(self._pending)
-            full = len(stream) // self.shard_tokens * self.shard_tokens
-            for start in range(0, full, self.shard_tokens):
-                self._write(stream[start : start + self.shard_tokens])
-            self._pending = [stream[full:]]
-            self._pending_tokens = len(stream) - full
+        while len(tokens):
+            if self._spool is None:
+                self._open()
+            take = min(len(tokens), self.shard_tokens - self._spool_tokens)
+            self._spool.write(tokens[:take].data)
+            self._spool_tokens += take
+            tokens = tokens[take:]
+            if self._spool_tokens == self.shard_tokens:
+                self._finish()
 
     def close(self) -> list[ShardRecord]:
-        if self._pending_tokens:
-            self._write(np.concatenate(self._pending))
-        self._pending, self._pending_tokens = [], 0
+        if self._spool is not None:
+            self._finish()
         return self.records
 
-    def _write(self, tokens: np.ndarray) -> None:
-        data = encode_shard(tokens, self.dtype)
-        path = f"shards/{self.split}-{self.name_prefix}-{len(self.records):05d}.bin"
-        storage.write_bytes_atomic(storage.join(self.dataset, path), data)
-        sha256 = hashlib.sha256(data).hexdigest()
-        self.records.append(ShardRecord(path, self.split, tokens=len(tokens), bytes=len(data), sha256=sha256))
+    def _path(self) -> str:
+        return f"shards/{self.split}-{self.name_prefix}-{len(self.records):05d}.bin"
+
+    def _open(self) -> None:
+        target = storage.join(self.dataset, self._path())
+        if storage.is_local(target):
+            # Beside the target (one filesystem: the final rename is atomic); a killed task's
+            # spool is one of its files, removed when it reruns.
+            local = storage.filesystem(target)[1]
+            os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+            self._spool_path = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        else:
+            handle, self._spool_path = tempfile.mkstemp(prefix="gptrain-shard-", suffix=".bin")
+            os.close(handle)
+        self._spool = open(self._spool_path, "wb")
+        self._spool.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, 0))  # the count comes at the end
+        self._spool_tokens = 0
+
+    def _finish(self) -> None:
+        spool, self._spool = self._spool, None
+        try:
+            spool.seek(0)
+            spool.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self._spool_tokens))
+            spool.flush()
+            os.fsync(spool.fileno())
+        finally:
+            spool.close()
+        path = self._path()
+        size, sha256 = os.path.getsize(self._spool_path), storage.sha256_of(self._spool_path)
+        target = storage.join(self.dataset, path)
+        try:
+            if storage.is_local(target):
+                os.replace(self._spool_path, storage.filesystem(target)[1])
+            else:
+                fs, remote = storage.filesystem(target)
+                fs.put_file(self._spool_path, remote)
+        finally:
+            if os.path.exists(self._spool_path):
+                os.remove(self._spool_path)
+        self.records.append(ShardRecord(path, self.split, tokens=self._spool_tokens, bytes=size, sha256=sha256))
