@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from gptrain.checkpoint.checkpointer import Checkpointer
 from gptrain.checkpoint.commit import CheckpointError
 from gptrain.checkpoint.export import export, load_model_from_checkpoint
 from gptrain.checkpoint.preemption import PreemptionHandler
+from gptrain.checkpoint.store import ReusedCpuStaging
 from gptrain.cli import main as gptrain_main
 from gptrain.errors import GptrainError
 
@@ -133,19 +135,34 @@ def test_stop_and_resume_reproduces_every_loss_and_the_final_weights(tmp_path, d
     assert report.asynchronous == async_save and report.total_s >= report.stall_s > 0
 
 
-def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, data):
+def test_async_save_writes_the_state_of_the_moment_it_was_called(tmp_path, data, monkeypatch):
     config = run_config(tmp_path / "run", data, async_save=True, every=0)
     state, dataset = build_state(config)
     checkpointer = Checkpointer(config, dataset, CPU)
     train_until(state, checkpointer, 2)
     expected = {k: v.clone() for k, v in state.model.state_dict().items()}
-    checkpointer.save(state)  # returns once staged; the write goes on in the background
-    with torch.no_grad():
-        for param in state.model.parameters():
-            param.add_(1.0)  # training goes on while the write is in flight
+    moments = {k: v.clone() for k, v in state.optimizer.state_dict()["state"][0].items()}
+    copy = ReusedCpuStaging.copy
+
+    def slow_copy(self, state_dict):
+        time.sleep(0.5)  # a copy slower than the next forward and backward
+        return copy(self, state_dict)
+
+    monkeypatch.setattr(ReusedCpuStaging, "copy", slow_copy)
+    report = checkpointer.save(state)  # returns before the copy; the write goes on in the background
+    assert report.stall_s < 0.5
+    train_until(state, checkpointer, 4)  # the first optimizer step waits for the copy
+    assert report.stall_s >= 0.5
     checkpointer.close()
+    assert checkpointer.finished_saves() == [report] and report.total_s >= report.stall_s
+    assert report.metrics_record() | {"stall_s": 0, "write_s": 0} == {
+        "kind": "checkpoint", "step": 2, "async": True, "stall_s": 0, "write_s": 0, "url": report.url}
     saved = load_model_from_checkpoint(str(tmp_path / "run"))
     assert all(torch.equal(saved.state_dict()[k], v) for k, v in expected.items())
+    resumed_state, _ = build_state(config)
+    Checkpointer(config, dataset, CPU).resume(resumed_state)
+    assert resumed_state.step == 2
+    assert all(torch.equal(resumed_state.optimizer.state_dict()["state"][0][k], v) for k, v in moments.items())
 
 
 # ---------------------------------------------------------------------------------------------

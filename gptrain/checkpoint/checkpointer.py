@@ -7,13 +7,20 @@
     checkpointer.close()                       # final save done by the caller; waits for any in flight
 
 Saving step N (every rank, same order):
-  1. wait for the previous async save to commit (at most one save in flight);
+  1. wait for the previous async save to commit (at most one save in flight), take the state
+     dict (the live tensors; the data position and RNG states as bytes);
   2. rank 0 clears RUN_DIR/checkpoints/step-N if a dead save left it, writes config.yaml;
      every rank waits for it (and stops with rank 0 if that failed);
-  3. every rank writes its shard (DCP), hashing the bytes as they go out; asynchronously:
-     after copying its state to CPU memory, in a background thread, while training goes on;
+  3. every rank writes its shard (DCP), hashing the bytes as they go out;
   4. rank 0 gathers every rank's file sha256s (so every rank has finished writing), writes
      the commit marker, then applies retention; every rank learns whether that worked.
+A synchronous save does 2-4 before it returns. An async save returns after step 1; a
+background thread copies the tensors into CPU buffers reused by every save, then does 2-4
+from the copy. Training goes on meanwhile: the next forward and backward only read the
+weights, and the next `optimizer.step` (which changes them in place) waits for the copy to
+be complete. So an async save stalls training only for step 1 and for whatever of the copy
+outlasts the next forward and backward. Its error (a failed write, a lost lease) is raised
+by the next save, `wait` or `close`, and nothing of it is committed.
 
 Only the holder of the run directory's lease (gptrain.checkpoint.lease) deletes or commits
 anything: rank 0 checks it before each of those steps. Storage faults that outlast the
@@ -23,7 +30,7 @@ file being written); the checkpoints committed before are untouched.
 Checkpoint collectives run on a process group of their own (gloo, CPU): an async save's
 collectives run in a background thread while the training thread all-reduces gradients on
 the default group, and two threads must never interleave collectives on one group (the
-ranks could pair up different calls). DCP's async save also requires a CPU backend, and the
+ranks could pair up different calls). The staged CPU tensors also need a CPU backend, and the
 default group is NCCL on GPUs.
 """
 
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.utils.hooks import RemovableHandle
 
 from gptrain import storage
 from gptrain.checkpoint import commit as commits
@@ -52,7 +61,6 @@ from gptrain.checkpoint.store import (
     TrainProgress,
     read_into,
     read_run_config,
-    start_async_write,
     state_to_save,
     write_run_files,
     write_shards,
@@ -68,13 +76,19 @@ log = logging.getLogger("gptrain.checkpoint")
 @dataclass
 class SaveReport:
     """How long one save took. `stall_s` is the time training was held up: all of it for a
-    synchronous save; waiting for the previous save plus copying to CPU for an async one."""
+    synchronous save; for an async one, waiting for the previous save, taking the state dict,
+    and the next optimizer step's wait for the copy to CPU memory, if it was not done by then."""
 
     step: int
     url: str
     asynchronous: bool
     stall_s: float
     total_s: float | None = None  # from start to commit, without waiting for the previous save (None while in flight)
+
+    def metrics_record(self) -> dict[str, object]:
+        """The record of a committed save in metrics.jsonl."""
+        return {"kind": "checkpoint", "step": self.step, "async": self.asynchronous,
+                "stall_s": round(self.stall_s, 4), "write_s": round(self.total_s, 4), "url": self.url}
 
 
 @dataclass
@@ -103,6 +117,11 @@ class Checkpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
         self._staging: ReusedCpuStaging | None = None  # created by the first async save
+        self._staged = threading.Event()  # set once the save in flight has copied the state
+        self._staged.set()
+        self._guard: RemovableHandle | None = None  # optimizer.step's wait for that copy
+        self._guarded: torch.optim.Optimizer | None = None
+        self._reported = 0  # self.reports[:_reported] went out through finished_saves()
         self._saved_step: int | None = None  # the step of the newest checkpoint of this run's state
         # Nobody may start writing a checkpoint folder while rank 0 may still be deleting one.
         self._on_rank0(self._remove_dead_saves, commits.checkpoints_url(self.run_dir))
@@ -122,35 +141,72 @@ class Checkpointer:
         self.wait()  # at most one save in flight; this also orders the commits by step
         if state.step == self._saved_step:
             return None
-        begin = time.perf_counter()  # the save's own cost starts here; the stall counts from `start`
-        url = commits.step_url(self.run_dir, state.step)
-        # Every rank writes into the folder only after rank 0 has cleared it.
-        self._on_rank0(lambda: self._prepare_folder(url), url)
         progress = TrainProgress(
             step=state.step, tokens_seen=state.tokens_seen, world_size=self.world_size,
             dataset_fingerprint=self.dataset.fingerprint, wandb_run_id=self.wandb_run_id,
         )
+        # The live tensors, and this moment's data position and RNG states as bytes.
         to_save = state_to_save(state, progress, self.rank, self.device)
         self._saved_step = state.step
-        writer = ChecksummingWriter(url)
-        if not asynchronous:
-            with self._faults(writer):
-                write_shards(writer, to_save, self.group)
-            self._commit(writer, state.step)
-            stall = time.perf_counter() - start
-            report = SaveReport(state.step, url, False, stall_s=stall, total_s=stall)
-            self._log_committed(report)
-        else:
-            if self._staging is None:
-                self._staging = ReusedCpuStaging()
-            with self._faults(writer):
-                future = start_async_write(writer, to_save, self.group, self._staging)
-            report = SaveReport(state.step, url, True, stall_s=time.perf_counter() - start)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-checkpoint")
-            self._in_flight = self._executor.submit(self._finish_async, future, writer, report, begin)
+        report = SaveReport(state.step, commits.step_url(self.run_dir, state.step), asynchronous, stall_s=0.0)
         self.reports.append(report)
+        if not asynchronous:
+            self._write(to_save, report)
+            report.stall_s = report.total_s = time.perf_counter() - start
+            self._log_committed(report)
+            return report
+        if self._staging is None:
+            self._staging = ReusedCpuStaging()
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptrain-checkpoint")
+        self._guard_optimizer(state.optimizer)
+        self._staged.clear()
+        self._in_flight = self._executor.submit(self._save_in_background, to_save, report)
+        report.stall_s = time.perf_counter() - start
         return report
+
+    def finished_saves(self) -> list[SaveReport]:
+        """The saves committed since the last call, oldest first (for metrics.jsonl)."""
+        done = [report for report in self.reports[self._reported:] if report.total_s is not None]
+        self._reported += len(done)
+        return done
+
+    def _write(self, to_save: dict, report: SaveReport) -> None:
+        """Steps 2-4 of a save: the folder, every rank's shard, the commit."""
+        # Every rank writes into the folder only after rank 0 has cleared it.
+        self._on_rank0(lambda: self._prepare_folder(report.url), report.url)
+        writer = ChecksummingWriter(report.url)
+        with self._faults(writer):
+            write_shards(writer, to_save, self.group)
+        self._commit(writer, report.step)
+
+    def _save_in_background(self, to_save: dict, report: SaveReport) -> None:
+        begin = time.perf_counter()
+        try:
+            to_save = self._staging.copy(to_save)
+        finally:
+            self._staged.set()  # training may change the state again (or learn of the failure)
+        self._write(to_save, report)
+        report.total_s = time.perf_counter() - begin
+        self._log_committed(report)
+
+    def _guard_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make `optimizer.step` wait for the copy of the save in flight: the step changes the
+        weights and the AdamW moments in place, and nothing else between two steps does (the
+        forward and backward only read them), so the copy overlaps with the next step's
+        forward and backward, and training stalls only if the copy takes longer than they do."""
+        if self._guarded is optimizer:
+            return
+        if self._guard is not None:
+            self._guard.remove()
+        self._guarded = optimizer
+        self._guard = optimizer.register_step_pre_hook(lambda *_: self._wait_for_staging())
+
+    def _wait_for_staging(self) -> None:
+        if self._staged.is_set():
+            return
+        start = time.perf_counter()
+        self._staged.wait()
+        self.reports[-1].stall_s += time.perf_counter() - start
 
     def _remove_dead_saves(self) -> None:
         # At startup no save of this run can be in flight (the lease says no other process
@@ -165,13 +221,6 @@ class Checkpointer:
             # skipped it): stale shards must not mix with the new ones.
             commits.remove_checkpoint(url)
         write_run_files(url, self.config.to_yaml(), self.dataset.tokenizer_spec)
-
-    def _finish_async(self, write: Future, writer: ChecksummingWriter, report: SaveReport, begin: float) -> None:
-        with self._faults(writer):
-            write.result()  # this rank's shard (and on rank 0 the metadata) are written
-        self._commit(writer, report.step)
-        report.total_s = time.perf_counter() - begin
-        self._log_committed(report)
 
     def _commit(self, writer: ChecksummingWriter, step: int) -> None:
         # Rank 0 has every rank's file records once the gather returns, so every rank has
@@ -258,9 +307,10 @@ class Checkpointer:
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None
-        if self._staging is not None:
-            self._staging.close()
-            self._staging = None
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = self._guarded = None
+        self._staging = None  # frees the CPU copy of the state
 
     # -----------------------------------------------------------------------------------------
     # Resuming.

@@ -47,7 +47,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -63,8 +62,6 @@ from gptrain.errors import GptrainError
 from gptrain.tokenizer import TOKENIZER_SPEC_FILE
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
-
     from torch import nn
 
 CONFIG_FILE = "config.yaml"
@@ -183,40 +180,22 @@ def write_shards(writer: ChecksummingWriter, state_dict: dict[str, Any], process
     dcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=process_group is None)
 
 
-class ReusedCpuStaging(AsyncStager):
-    """Stages every save into the same CPU buffers (pinned when CUDA is there, for fast copies
-    from the GPU). Fresh buffers at each save would cost a page fault per page on first touch,
-    as much again as the copy itself; the price is one resident copy of the state in host RAM.
-
-    A buffer is overwritten only by the next save, which starts after the previous one has
-    committed (the Checkpointer keeps at most one in flight), so no write reads a buffer
-    while it changes."""
-
-    _synchronize_after_execute = False  # stage() returns once the copy is complete
+class ReusedCpuStaging:
+    """Copies of the state in CPU memory, reused by every async save (pinned when CUDA is there,
+    for fast copies from the GPU). Fresh buffers at each save would cost a page fault per page on
+    first touch, as much again as the copy itself; the price is one resident copy of the state in
+    host RAM. A buffer is overwritten only by the next save, which starts after the previous one
+    has committed (the Checkpointer keeps at most one in flight), so no write reads a buffer
+    while it changes. No shared memory: the write runs in a thread of this process."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, Any] | None = None
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+    def copy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` with its tensors copied into the buffers (other values, the blobs, as they are)."""
         if self._buffers is None:
             self._buffers = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
-        # Tensors are copied into the buffers; other values (the blobs) are taken as they are.
         return _copy_state_dict(state_dict, self._buffers)
-
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._buffers = None
-
-
-def start_async_write(
-    writer: ChecksummingWriter, state_dict: dict[str, Any], process_group, staging: ReusedCpuStaging
-) -> Future:
-    """Copy the state to CPU memory (training waits for this), then write it in a background
-    thread; returns the future of the write."""
-    return dcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
-                          async_stager=staging, no_dist=process_group is None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ Only rank 0 creates a `MetricsLogger` that writes; the other ranks get one with
 `enabled=False`, which drops everything, so the trainer calls it unconditionally.
 
 metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", ...} every
-`train.log_every` steps, {"kind": "eval", "step", "val_loss", ...} at each evaluation, and
-{"kind": "end", "status": "finished" or "preempted", ...} when the process ends its run.
+`train.log_every` steps, {"kind": "eval", "step", "val_loss", ...} at each evaluation,
+{"kind": "checkpoint", "step", "async", "stall_s", "write_s", "url"} once a checkpoint is
+committed (an async one: at the next save; stall_s is how long training waited for it,
+write_s how long the save took to commit), and {"kind": "end", "status": "finished" or
+"preempted", ...} when the process ends its run.
 On a local run directory each record is appended and fsynced as it is logged, so a crash
 loses none. Object stores cannot append: there the whole file is rewritten by
 `flush_metrics()`, at least every `logging.flush_every_s` seconds, at each evaluation and
@@ -87,8 +90,10 @@ class MetricsLogger:
             self._unflushed += 1
             if time.monotonic() - self._flushed_at >= self.config.logging.flush_every_s:
                 self.flush_metrics()
-        if self._wandb_run is not None and record["kind"] != "end":  # W&B keeps the end in its summary
-            prefix = "train" if record["kind"] == "train" else "eval"
+        # W&B keeps the end in its summary; a checkpoint's record comes once it is committed,
+        # after later steps, and W&B drops what is logged for an earlier step than its last.
+        if self._wandb_run is not None and record["kind"] in ("train", "eval"):
+            prefix = record["kind"]
             values = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("kind", "step") and v is not None}
             self._wandb_run.log(values, step=record["step"])
         log.info(format_record(record))
@@ -125,6 +130,10 @@ def format_record(record: dict[str, Any]) -> str:
     """A console line for a metrics record."""
     if record["kind"] == "end":
         return f"run {record['status']} at step {record['step']}"
+    if record["kind"] == "checkpoint":
+        how = (f"async: training stalled {record['stall_s']:.3f} s, written in the background in {record['write_s']:.2f} s"
+               if record["async"] else f"sync: training stalled {record['stall_s']:.2f} s")
+        return f"checkpoint step {record['step']} committed ({how}) -> {record['url']}"
     if record["kind"] == "eval":
         line = f"eval step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
         if record.get("sample") is not None:

@@ -185,9 +185,12 @@ class Trainer:
         return self.finish(time.perf_counter() - start)
 
     def save(self, blocking: bool | None = None) -> None:
-        """Checkpoint the state; the metrics logged up to it are durable before its commit."""
+        """Checkpoint the state; the metrics logged up to it are durable before its commit.
+        Each committed save adds a record of how long it stalled training and took to write."""
         self.logger.flush_metrics()
         self.checkpointer.save(self.state, blocking=blocking)
+        for report in self.checkpointer.finished_saves():
+            self.logger.log(report.metrics_record())
 
     def stop_preempted(self, preemption: Preemption, elapsed_s: float) -> dict[str, Any]:
         """Save synchronously (the process ends next) and finish; the summary says `preempted`."""
