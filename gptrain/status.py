@@ -80,6 +80,7 @@ class RunStatus:
     loss_sparkline: str = ""
     first_train_loss: float | None = None
     plot: str | None = None
+    last_save: dict[str, Any] | None = None  # the newest "checkpoint" record of metrics.jsonl: its stall
 
     def to_json(self) -> dict[str, Any]:
         """As plain JSON values: a diverged (NaN or infinite) loss becomes null."""
@@ -100,6 +101,7 @@ def run_status(run_dir: str, stalled_after_s: float | None = None, now: float | 
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
+    saves = [r for r in records if r.get("kind") == "checkpoint"]
     status = RunStatus(run_dir=run_dir, state="starting", checkpoints=_checkpoints(run_dir) if has_checkpoints else [])
     usable = [c for c in status.checkpoints if c.usable]
     status.newest_usable_step = usable[0].step if usable else None
@@ -110,6 +112,8 @@ def run_status(run_dir: str, stalled_after_s: float | None = None, now: float | 
         speeds = [r["tokens_per_s"] for r in train[-SPEED_RECORDS:] if r.get("tokens_per_s")]
         status.tokens_per_s = sum(speeds) / len(speeds) if speeds else None
         status.loss_sparkline = sparkline([r["loss"] for r in train])
+    if saves:
+        status.last_save = saves[-1]
     if evals:
         status.val_loss, status.val_ppl, status.val_step = evals[-1]["val_loss"], evals[-1]["val_ppl"], evals[-1]["step"]
         status.step = max(status.step or 0, evals[-1]["step"])
@@ -304,6 +308,10 @@ def describe_run(status: RunStatus) -> str:
     if status.seconds_since_update is not None:
         row("last metrics", f"{_duration(status.seconds_since_update)} ago")
     row("checkpoints", "; ".join(_describe_checkpoint(c) for c in status.checkpoints) or "none yet")
+    if status.last_save is not None:
+        save = status.last_save
+        row("last save", f"step {save['step']}, {'async' if save['async'] else 'sync'}: training stalled "
+                         f"{save['stall_s']:.2f} s, written in {save['write_s']:.2f} s")
     row("W&B run", (status.wandb_run_id or "id not known yet") if status.wandb else "off (logging.wandb=false)")
     if status.plot:
         row("plot", status.plot)

@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory, gutenberg_dataset):  # noqa: F811
         f"train.max_steps={STEPS}", f"schedule.warmup_steps={WARMUP}", f"schedule.initial_lr={START}",
         f"optim.lr={PEAK}", f"schedule.min_lr={FLOOR}", f"train.micro_batch_size={BATCH}",
         f"model.context_length={CONTEXT}", "train.log_every=1", "eval.every=40",
-        "eval.max_windows=64", f"eval.sample_prompt={PROMPT}",
+        "eval.max_windows=64", f"eval.sample_prompt={PROMPT}", "checkpoint.async_save=true",
     ])
     assert status == 0
     return run_dir
@@ -76,6 +76,12 @@ def test_run_directory_holds_config_metrics_and_plot(trained_run):
         assert math.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["tokens_per_s"] > 0
         assert record["mfu"] is None  # no CPU peak in the table: reported as n/a, not guessed
         assert record["peak_memory_gib"] > 0
+    # The periodic save (checkpoint.every=100) is async, the final one synchronous; each is
+    # recorded once committed, with how long training stalled for it.
+    saves = [r for r in _records(trained_run) if r["kind"] == "checkpoint"]
+    assert [(r["step"], r["async"]) for r in saves] == [(100, True), (120, False)]
+    assert all(r["write_s"] > 0 and r["stall_s"] > 0 and r["url"].endswith(f"step-{r['step']}") for r in saves)
+    assert saves[1]["stall_s"] == saves[1]["write_s"]  # a synchronous save stalls for all of it
     png = (trained_run / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 

@@ -296,6 +296,11 @@ class Checkpointer:
             log.info("checkpoint step %d committed (sync): training stalled %.3f s -> %s",
                      report.step, report.stall_s, report.url)
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether an async save is still being written (or committed)."""
+        return self._in_flight is not None and not self._in_flight.done()
+
     def wait(self) -> None:
         """Block until the async save in flight (if any) is committed; re-raises its error."""
         if self._in_flight is not None:

@@ -46,7 +46,7 @@ import yaml
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -177,7 +177,12 @@ def read_run_config(url: str) -> RunConfig:
 def write_shards(writer: ChecksummingWriter, state_dict: dict[str, Any], process_group) -> None:
     """Every rank writes its shard; returns when this rank's files and (on rank 0) the
     metadata are written, their sha256s in `writer.records`."""
-    dcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=process_group is None)
+    # Plan caching: every save of a run has the same keys and shapes, so after the first one
+    # the ranks send no plans to the coordinator (DCP compares each rank's plan with the last
+    # and sends only changes) and the coordinator does not plan again.
+    planner = DefaultSavePlanner(enable_plan_caching=True)
+    dcp.save(state_dict, storage_writer=writer, planner=planner, process_group=process_group,
+             no_dist=process_group is None)
 
 
 class ReusedCpuStaging:
