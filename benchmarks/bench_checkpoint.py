@@ -51,6 +51,7 @@ class Measured:
     sync_s: list[float] = field(default_factory=list)  # synchronous save: all of it stalls
     stall_s: list[float] = field(default_factory=list)  # async save: what blocked the loop
     write_s: list[float] = field(default_factory=list)  # async save: copy + write + commit, in the background
+    copy_s: list[float] = field(default_factory=list)  # async save: its copy to CPU memory, in the background
     step_s: list[float] = field(default_factory=list)  # the step after a sync save (nothing in the background)
     step_after_async_s: list[float] = field(default_factory=list)  # the step the copy overlaps with, its wait excluded
     step_during_write_s: list[float] = field(default_factory=list)  # later steps while the write runs
@@ -92,6 +93,7 @@ def measure(run_dir: str, dataset: TokenDataset, repeats: int, context: int) -> 
         checkpointer.wait()  # raises if the write failed
         measured.stall_s.append(report.stall_s)
         measured.write_s.append(report.total_s)
+        measured.copy_s.append(report.copy_s)
     checkpointer.close()
     newest = commits.committed(run_dir)[-1]
     measured.size = sum(f.size for f in newest.files.values())
@@ -122,7 +124,8 @@ def main() -> None:
           f"   each: {' '.join(f'{s:.3f}' for s in m.stall_s)}")
     print(f"  async stall / sync save:                  {100 * stall_s / sync_s:7.1f} %"
           f"   each repeat: {' '.join(f'{100 * a / s:.1f}' for a, s in zip(m.stall_s, m.sync_s))}")
-    print(f"  async save, background until commit:      {med(m.write_s):7.3f} s")
+    print(f"  async save, background until commit:      {med(m.write_s):7.3f} s  "
+          f"(of which the copy to CPU memory {med(m.copy_s):.3f} s)")
     print(f"  training step after a sync save:          {step_s:7.3f} s")
     print(f"  step overlapping the copy (wait excluded): {med(m.step_after_async_s):7.3f} s  "
           f"({100 * (med(m.step_after_async_s) / step_s - 1):+.0f}%)")

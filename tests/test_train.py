@@ -241,7 +241,7 @@ def test_run_directory_on_object_storage(s3_bucket, gutenberg_dataset):  # noqa:
     Trainer(config, DistEnv()).fit()
     records = [json.loads(line) for line in storage.read_bytes(f"{run_dir}/metrics.jsonl").decode().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [
-        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3), ("end", 3)
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("checkpoint", 3), ("eval", 3), ("end", 3)
     ]
     assert load_config(f"{run_dir}/config.yaml") == config
     assert storage.read_bytes(f"{run_dir}/loss.png").startswith(b"\x89PNG")

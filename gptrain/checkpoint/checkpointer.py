@@ -84,11 +84,13 @@ class SaveReport:
     asynchronous: bool
     stall_s: float
     total_s: float | None = None  # from start to commit, without waiting for the previous save (None while in flight)
+    copy_s: float | None = None  # async: the copy to CPU memory, in the background (overlapping training)
 
     def metrics_record(self) -> dict[str, object]:
         """The record of a committed save in metrics.jsonl."""
         return {"kind": "checkpoint", "step": self.step, "async": self.asynchronous,
-                "stall_s": round(self.stall_s, 4), "write_s": round(self.total_s, 4), "url": self.url}
+                "stall_s": round(self.stall_s, 4), "write_s": round(self.total_s, 4),
+                "copy_s": None if self.copy_s is None else round(self.copy_s, 4), "url": self.url}
 
 
 @dataclass
@@ -185,6 +187,7 @@ class Checkpointer:
             to_save = self._staging.copy(to_save)
         finally:
             self._staged.set()  # training may change the state again (or learn of the failure)
+        report.copy_s = time.perf_counter() - begin
         self._write(to_save, report)
         report.total_s = time.perf_counter() - begin
         self._log_committed(report)
@@ -288,8 +291,8 @@ class Checkpointer:
             return
         if report.asynchronous:
             log.info(
-                "checkpoint step %d committed (async): training stalled %.3f s; the save took %.3f s in all, "
-                "which a synchronous save would have stalled -> %s",
+                "checkpoint step %d committed (async): training stalled %.3f s; copied and written "
+                "in the background in %.2f s -> %s",
                 report.step, report.stall_s, report.total_s, report.url,
             )
         else:

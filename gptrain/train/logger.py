@@ -5,9 +5,10 @@ Only rank 0 creates a `MetricsLogger` that writes; the other ranks get one with
 
 metrics.jsonl holds one JSON object per line: {"kind": "train", "step", "loss", ...} every
 `train.log_every` steps, {"kind": "eval", "step", "val_loss", ...} at each evaluation,
-{"kind": "checkpoint", "step", "async", "stall_s", "write_s", "url"} once a checkpoint is
-committed (an async one: at the next save; stall_s is how long training waited for it,
-write_s how long the save took to commit), and {"kind": "end", "status": "finished" or
+{"kind": "checkpoint", "step", "async", "stall_s", "write_s", "copy_s", "url"} once a
+checkpoint is committed (an async one: at the next save; stall_s is how long training waited
+for it, write_s how long the save took to commit, copy_s how much of that an async save spent
+copying the state to CPU memory), and {"kind": "end", "status": "finished" or
 "preempted", ...} when the process ends its run.
 On a local run directory each record is appended and fsynced as it is logged, so a crash
 loses none. Object stores cannot append: there the whole file is rewritten by
@@ -96,7 +97,8 @@ class MetricsLogger:
             prefix = record["kind"]
             values = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("kind", "step") and v is not None}
             self._wandb_run.log(values, step=record["step"])
-        log.info(format_record(record))
+        if record["kind"] != "checkpoint":  # the checkpointer says so as the commit happens
+            log.info(format_record(record))
 
     def flush_metrics(self) -> None:
         """Make every record logged so far durable: on an object store, rewrite metrics.jsonl
@@ -130,10 +132,6 @@ def format_record(record: dict[str, Any]) -> str:
     """A console line for a metrics record."""
     if record["kind"] == "end":
         return f"run {record['status']} at step {record['step']}"
-    if record["kind"] == "checkpoint":
-        how = (f"async: training stalled {record['stall_s']:.3f} s, written in the background in {record['write_s']:.2f} s"
-               if record["async"] else f"sync: training stalled {record['stall_s']:.2f} s")
-        return f"checkpoint step {record['step']} committed ({how}) -> {record['url']}"
     if record["kind"] == "eval":
         line = f"eval step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
         if record.get("sample") is not None:
