@@ -310,8 +310,9 @@ def describe_run(status: RunStatus) -> str:
     row("checkpoints", "; ".join(_describe_checkpoint(c) for c in status.checkpoints) or "none yet")
     if status.last_save is not None:
         save = status.last_save
-        row("last save", f"step {save['step']}, {'async' if save['async'] else 'sync'}: training stalled "
-                         f"{save['stall_s']:.2f} s, written in {save['write_s']:.2f} s")
+        background = f", written in the background in {save['write_s']:.2f} s" if save["async"] else ""
+        row("last save", f"step {save['step']}, {'async' if save['async'] else 'sync'}: "
+                         f"training stalled {save['stall_s']:.2f} s{background}")
     row("W&B run", (status.wandb_run_id or "id not known yet") if status.wandb else "off (logging.wandb=false)")
     if status.plot:
         row("plot", status.plot)

@@ -156,7 +156,7 @@ def test_status_of_a_sweep_folder_and_a_finished_run_on_s3(tmp_path, dataset, s3
     assert f"{trial_dir}: finished, step 6/6 (100%)" in text and finished["wandb_run_id"] in text
     assert "ETA" not in text and "newest usable" in text
     assert finished["last_save"]["step"] == 6 and finished["last_save"]["async"] is False
-    assert re.search(r"last save +step 6, sync: training stalled [\d.]+ s, written in [\d.]+ s", text)
+    assert re.search(r"last save +step 6, sync: training stalled [\d.]+ s\n", text)
 
 
 def test_missing_and_foreign_folders_are_named(tmp_path):
