@@ -12,8 +12,9 @@ their sha256s, config, commit marker. Training is real too: AdamW steps on windo
           forward and backward).
 
 A stall is only what blocks the loop: on a CPU box the background copy and write share the
-cores with training, so the benchmark also prints how much slower the first step after the
-async save ran (the copy) and the steps during the background write ran than the baseline.
+cores with training, so the benchmark also prints how much slower than the baseline step the
+first step after the async save ran (alongside the copy, then the start of the write; its
+wait for the copy excluded) and the later steps during the background write.
 
     .venv/bin/python benchmarks/bench_checkpoint.py [--dir DIR_OR_URL] [--repeats 5] [--threads 2] [--context 256]
 
@@ -53,7 +54,7 @@ class Measured:
     write_s: list[float] = field(default_factory=list)  # async save: copy + write + commit, in the background
     copy_s: list[float] = field(default_factory=list)  # async save: its copy to CPU memory, in the background
     step_s: list[float] = field(default_factory=list)  # the step after a sync save (nothing in the background)
-    step_after_async_s: list[float] = field(default_factory=list)  # the step the copy overlaps with, its wait excluded
+    step_after_async_s: list[float] = field(default_factory=list)  # alongside the copy, then the write; wait excluded
     step_during_write_s: list[float] = field(default_factory=list)  # later steps while the write runs
     size: int = 0
 
@@ -127,7 +128,7 @@ def main() -> None:
     print(f"  async save, background until commit:      {med(m.write_s):7.3f} s  "
           f"(of which the copy to CPU memory {med(m.copy_s):.3f} s)")
     print(f"  training step after a sync save:          {step_s:7.3f} s")
-    print(f"  step overlapping the copy (wait excluded): {med(m.step_after_async_s):7.3f} s  "
+    print(f"  first step after the async save:          {med(m.step_after_async_s):7.3f} s  "
           f"({100 * (med(m.step_after_async_s) / step_s - 1):+.0f}%)")
     if m.step_during_write_s:
         print(f"  steps during the background write:        {med(m.step_during_write_s):7.3f} s  "
