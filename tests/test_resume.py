@@ -331,7 +331,9 @@ def test_two_ranks_sigterm_resume_and_a_world_size_change_keep_exact_token_accou
     straight_config = write_config(tmp_path / "straight.yaml", data, str(straight_dir), **tokens)
     run(straight_config, "--windows", str(tmp_path / "straight-windows"), ranks=2, log=log)
 
-    config = write_config(tmp_path / "stopped.yaml", data, str(stopped_dir), **tokens)
+    # Async periodic saves on 2 ranks (the copy and the collectives in each rank's background
+    # thread); the save on SIGTERM is synchronous.
+    config = write_config(tmp_path / "stopped.yaml", data, str(stopped_dir), checkpoint={"async_save": True}, **tokens)
     options = ("--step-delay", "0.2", "--windows", str(tmp_path / "stopped-windows"))
     proc = start(config, *options, ranks=2, log=log)
     wait_for(lambda: last_logged_step(stopped_dir) >= 3, running(proc), what="step 3")
@@ -346,6 +348,8 @@ def test_two_ranks_sigterm_resume_and_a_world_size_change_keep_exact_token_accou
 
     run(config, "--windows", str(tmp_path / "stopped-windows"), ranks=2, log=log)
     assert train_records(stopped_dir) == train_records(straight_dir)
+    saves = [r for r in read_metrics(str(stopped_dir)) if r["kind"] == "checkpoint"]
+    assert stop.step in [r["step"] for r in saves] and any(r["async"] and r["copy_s"] is not None for r in saves)
     assert same_weights(load_model_from_checkpoint(str(stopped_dir)), load_model_from_checkpoint(str(straight_dir)))
 
     shrunk = write_config(tmp_path / "shrunk.yaml", data, str(shrunk_dir), **tokens)
