@@ -228,7 +228,7 @@ def test_rsync_download_to_s3_with_credentials_as_environment_variables(
     with RsyncDaemon(tmp_path, {"gutenberg-epub": mirror_dir / "cache" / "epub"}) as rsyncd:
         run_in_image(
             docker_daemon, "data", "download", "--mirror", rsyncd.url("gutenberg-epub"), "--out", f"{s3_bucket}/raw",
-            "--limit", "8", "--task-index", "0", "--num-tasks", "2",
+            "--ids", "11,35,43,46,74,98", "--task-index", "0", "--num-tasks", "2",
             options=tuple(f"-e{name}" for name in aws_env),
             network="host",  # the S3 server and the rsync daemon listen on the host's 127.0.0.1
             env=aws_env,
@@ -238,7 +238,7 @@ def test_rsync_download_to_s3_with_credentials_as_environment_variables(
     report = json.loads(fs.cat(f"{s3_bucket}/raw/reports/download-0-of-2.json"))
     assert report["downloaded"] and not report["failed"]
     books = [book["book_id"] for book in report["downloaded"]]
-    assert all(book_id % 2 == 0 for book_id in books), books  # task 0 of 2: the even ids
+    assert books == [46, 74, 98], books  # task 0 of 2: the even ids
     # The catalog and each of the task's books crossed the wire once, in the module's layout.
     assert sorted(sent) == sorted(["feeds/pg_catalog.csv", *(f"{book_id}/pg{book_id}.txt" for book_id in books)])
     for book in report["downloaded"]:
@@ -286,7 +286,7 @@ def test_exit_statuses_signals_and_compile_under_docker_run(docker_daemon, cpu_i
     assert "optim.lr='fast': expected a number" in docker_daemon.docker("logs", "bad-config").stdout
 
     docker_run("compiled", *train, "train.run_dir=runs/compiled", "train.compile=true")
-    wait_for_step("compiled", runs / "compiled", 3)  # compiled, and training
+    wait_for_step("compiled", runs / "compiled", 10)  # compiled, and past warmup: the loss has fallen
     docker_daemon.docker("stop", "--time", "120", "compiled")  # SIGTERM; SIGKILL only after 120 s
     assert _container_status(docker_daemon, "compiled") == 75
     logs = docker_daemon.docker("logs", "compiled").stderr
