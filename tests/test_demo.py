@@ -32,7 +32,7 @@ def test_the_check_reads_a_demo_run_and_fails_or_passes(tmp_path, gutenberg_data
     subprocess.run(
         [str(VENV_BIN / "gptrain"), "train", "--config", "demo", f"data.path={gutenberg_dataset}",
          f"train.run_dir={run_dir}", "train.max_steps=4", "schedule.warmup_steps=1", "eval.every=4",
-         "eval.max_windows=4", "checkpoint.every=100", "logging.plot=false"],
+         "eval.max_windows=4", "eval.sample_max_new_tokens=8", "checkpoint.every=100", "logging.plot=false"],
         check=True, capture_output=True,
     )
     # Four steps learn nothing: the loss stays near ln(50257) = 10.8, and the check says so.
