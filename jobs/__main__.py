@@ -5,7 +5,7 @@ Prints one "STAGE JOBID" line per job (a job array: its tasks' ids), like slurm/
 On Slurm it returns once the jobs are queued (chain them with --after JOBID); with --wait,
 and always on the local and debug clusters, it waits for them and prints their results.
 
-    python -m jobs preprocess --cluster slurm --mirror https://www.gutenberg.org/ --tasks 8
+    python -m jobs preprocess --cluster slurm --mirror rsync://aleph.gutenberg.org/gutenberg-epub --tasks 8
     python -m jobs pretrain --cluster slurm --nodes 2 --tasks-per-node 8 --gpus-per-node 8 \\
         --after FINALIZE_JOBID --config gpt2-124m-gutenberg data.path=data/gutenberg
     python -m jobs sweep --cluster slurm --array-parallelism 4 debug-4 data.path=data/gutenberg
@@ -19,6 +19,7 @@ import sys
 
 import submitit
 
+from gptrain.data.download import SUGGESTED_MIRROR
 from gptrain.errors import EXIT_BAD_INPUT, EXIT_CRASH, EXIT_OK, GptrainError
 from jobs.resources import CLUSTERS, Resources
 from jobs.submit import submit_preprocess, submit_pretrain, submit_sweep
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("preprocess", parents=common,
                               help="download+prepare job array, then the finalize job")
-    pre.add_argument("--mirror", default="https://www.gutenberg.org/", help="default: %(default)s")
+    # An array downloads in bulk, which Project Gutenberg asks to go through its rsync mirror.
+    pre.add_argument("--mirror", default=SUGGESTED_MIRROR,
+                     help="rsync mirror, folder, fsspec URL or http(s) mirror (default: %(default)s)")
     pre.add_argument("--raw", default="data/raw", help="raw books folder or URL (default: %(default)s)")
     pre.add_argument("--dataset", default="data/gutenberg", help="dataset folder or URL (default: %(default)s)")
     pre.add_argument("--tasks", type=int, default=4, help="array tasks (default: %(default)s)")

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from checkpoint_fixtures import TINY_MODEL, prepare_dataset
 from conftest import REPO, VENV_BIN, is_running, launched_workers
+from download_fixtures import RsyncDaemon
 from docker_fixtures import (
     DOCKER_CLIENT,
     IMAGE_LOCK,
@@ -179,14 +180,14 @@ def test_demo_pipeline_runs_as_a_mapped_user_on_a_mounted_runs_folder(docker_dae
         # real WANDB_API_KEY never appear on a command line.
         return run_in_image(docker_daemon, *args, options=(*options, *(f"-e{name}" for name in env or {})), env=env)
 
-    # scripts/demo.sh's steps and books, with a 10-step training run.
+    # scripts/demo.sh's steps, books and preset, with a 10-step training run.
     books = re.search(r"^BOOKS=(\S+)$", DEMO_SCRIPT.read_text(), re.MULTILINE)[1]
     gptrain("data", "download", "--mirror", "/mirror", "--out", "runs/demo/books", "--ids", books)
     gptrain("data", "prepare", "--input", "runs/demo/books", "--out", "runs/demo/dataset", "--no-finalize")
     gptrain("data", "finalize", "runs/demo/dataset")
     stats = gptrain("data", "stats", "runs/demo/dataset")
     gptrain(
-        "train", "--config", "debug", "data.path=runs/demo/dataset", "train.run_dir=runs/demo",
+        "train", "--config", "demo", "data.path=runs/demo/dataset", "train.run_dir=runs/demo",
         "train.max_steps=10", "schedule.warmup_steps=2", "eval.every=5", "eval.max_windows=4",
         "eval.sample_max_new_tokens=4", "logging.wandb=true",
         env={"WANDB_MODE": "offline", "WANDB_API_KEY": "test-key-never-sent"},
@@ -213,21 +214,33 @@ def test_demo_pipeline_runs_as_a_mapped_user_on_a_mounted_runs_folder(docker_dae
 
 
 @pytest.mark.slow
-def test_s3_credentials_pass_as_environment_variables(docker_daemon, cpu_image, mirror_dir, s3_bucket):
-    """The container writes to an S3 server with the AWS_* variables it was given (`-e NAME`)."""
+def test_rsync_download_to_s3_with_credentials_as_environment_variables(
+    docker_daemon, cpu_image, mirror_dir, s3_bucket, tmp_path
+):
+    """The image's rsync client downloads from a module laid out like Project Gutenberg's
+    gutenberg-epub (`<id>/pg<id>.txt`, `feeds/pg_catalog.csv`: the launchers' default mirror),
+    as task 0 of 2, and the container writes to an S3 server with the AWS_* variables it was
+    given (`-e NAME`)."""
     import s3fs
 
     aws_env = {name: os.environ[name] for name in
                ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    run_in_image(
-        docker_daemon, "data", "download", "--mirror", "/mirror", "--out", f"{s3_bucket}/raw", "--limit", "4",
-        options=("-v", f"{mirror_dir}:/mirror:ro", *(f"-e{name}" for name in aws_env)),
-        network="host",  # the S3 server listens on the host's 127.0.0.1
-        env=aws_env,
-    )
+    with RsyncDaemon(tmp_path, {"gutenberg-epub": mirror_dir / "cache" / "epub"}) as rsyncd:
+        run_in_image(
+            docker_daemon, "data", "download", "--mirror", rsyncd.url("gutenberg-epub"), "--out", f"{s3_bucket}/raw",
+            "--ids", "11,35,43,46,74,98", "--task-index", "0", "--num-tasks", "2",
+            options=tuple(f"-e{name}" for name in aws_env),
+            network="host",  # the S3 server and the rsync daemon listen on the host's 127.0.0.1
+            env=aws_env,
+        )
+        sent = rsyncd.sent()
     fs = s3fs.S3FileSystem()
-    report = json.loads(fs.cat(f"{s3_bucket}/raw/reports/download-0-of-1.json"))
+    report = json.loads(fs.cat(f"{s3_bucket}/raw/reports/download-0-of-2.json"))
     assert report["downloaded"] and not report["failed"]
+    books = [book["book_id"] for book in report["downloaded"]]
+    assert books == [46, 74, 98], books  # task 0 of 2: the even ids
+    # The catalog and each of the task's books crossed the wire once, in the module's layout.
+    assert sorted(sent) == sorted(["feeds/pg_catalog.csv", *(f"{book_id}/pg{book_id}.txt" for book_id in books)])
     for book in report["downloaded"]:
         assert fs.size(f"{s3_bucket}/raw/books/pg{book['book_id']}.txt") == book["bytes"]
 
@@ -273,7 +286,7 @@ def test_exit_statuses_signals_and_compile_under_docker_run(docker_daemon, cpu_i
     assert "optim.lr='fast': expected a number" in docker_daemon.docker("logs", "bad-config").stdout
 
     docker_run("compiled", *train, "train.run_dir=runs/compiled", "train.compile=true")
-    wait_for_step("compiled", runs / "compiled", 3)  # compiled, and training
+    wait_for_step("compiled", runs / "compiled", 10)  # compiled, and past warmup: the loss has fallen
     docker_daemon.docker("stop", "--time", "120", "compiled")  # SIGTERM; SIGKILL only after 120 s
     assert _container_status(docker_daemon, "compiled") == 75
     logs = docker_daemon.docker("logs", "compiled").stderr

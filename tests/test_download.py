@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
 import pytest
 
-from conftest import free_port
+import jobs.__main__ as jobs_cli
+from conftest import REPO, free_port
 from download_fixtures import (  # noqa: F401 (no_array_env: an autouse fixture)
     ENGLISH_ON_MIRROR,
     ENGLISH_TEXTS,
@@ -36,6 +38,7 @@ from gptrain.data.catalog import (
     select_books,
 )
 from gptrain.errors import GptrainError
+from k8s_fixtures import find, render
 
 SOUND_BOOK = 19573
 # Fast, bounded retries for tests; the defaults are for gutenberg.org.
@@ -302,6 +305,21 @@ def test_gutenberg_org_serves_one_task_and_small_selections(tmp_path, capsys):
     assert run_cli("--out", str(tmp_path / "raw"), "--task-index", "0", "--num-tasks", "8") == 2
     assert "gutenberg.org asks for bulk downloads to use a mirror" in capsys.readouterr().err
     assert not (tmp_path / "raw").exists()
+
+
+def test_the_launchers_download_arrays_from_the_rsync_mirror_by_default():
+    """Slurm, submitit and Kubernetes run the download as a job array, which gutenberg.org
+    refuses: by default they use Project Gutenberg's rsync mirror, which any array may use."""
+    sbatch = (REPO / "slurm" / "preprocess.sbatch").read_text()
+    env_config = next(c for c in find(render("base"), "ConfigMap") if "GPTRAIN_MIRROR" in c["data"])
+    defaults = {
+        "slurm/preprocess.sbatch": re.search(r'--mirror "\$\{GPTRAIN_MIRROR:-([^}]+)\}"', sbatch)[1],
+        "python -m jobs preprocess": jobs_cli.build_parser().parse_args(["preprocess"]).mirror,
+        "k8s/base": env_config["data"]["GPTRAIN_MIRROR"],
+    }
+    assert defaults == dict.fromkeys(defaults, dl.SUGGESTED_MIRROR)
+    assert dl.SUGGESTED_MIRROR == "rsync://aleph.gutenberg.org/gutenberg-epub"
+    dl.check_main_site(dl.SUGGESTED_MIRROR, 8, 75_000)
 
 
 def test_an_array_shares_one_http_rate(faulty_mirror, tmp_path):
