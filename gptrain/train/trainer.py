@@ -130,6 +130,7 @@ class Trainer:
         # or checkpoint.init_from's weights for a fresh run. Nothing below draws random numbers.
         self.checkpointer = Checkpointer(config, self.dataset, self.device, lease)
         self.resumed = self.checkpointer.resume(self.state)
+        self.parallel.after_weights_change()  # a bf16 copy computes with the loaded weights
         self.tokens_per_step = config.tokens_per_step(env.world_size)
         self.total_steps = config.total_steps(self.tokens_per_step)
         if self.resumed is not None and config.train.max_tokens is not None:
@@ -212,6 +213,7 @@ class Trainer:
         grad_norm = self.parallel.clip_grad_norm_(state.model.parameters(), self.max_grad_norm)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+        self.parallel.after_weights_change()
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         return loss, grad_norm, lr
@@ -228,6 +230,7 @@ class Trainer:
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
                 del logits  # batch x context x vocab: the backward needs only what the loss saved
                 loss.backward()
+            self.parallel.after_backward()
             total += loss.detach()
         return total
 
