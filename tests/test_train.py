@@ -158,14 +158,14 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, gutenberg_dataset): 
 
 def test_bf16_modes_train_like_fp32_with_fp32_weights_and_the_copy_resumes_exactly(tmp_path, gutenberg_dataset):  # noqa: F811
     # train.dtype=auto picks bf16 on CPUs with native bf16 (and on CUDA); bf16_copy is the default mode.
-    common = ["train.max_steps=20", "schedule.warmup_steps=0", "train.log_every=1", "eval.every=0",
+    common = ["train.max_steps=12", "schedule.warmup_steps=0", "train.log_every=1", "eval.every=0",
               "eval.sample_max_new_tokens=0", "logging.plot=false", "train.grad_accum_steps=2"]
     _, fp32_train = _run_steps(_config(gutenberg_dataset, tmp_path / "fp32", *common))
     fp32_losses = [r["loss"] for r in fp32_train]
     bf16 = {}
     for mode in ("autocast", "bf16_copy"):
         config = _config(gutenberg_dataset, tmp_path / mode, *common, "train.dtype=bf16", f"train.bf16_mode={mode}",
-                         "checkpoint.every=10")
+                         "checkpoint.every=6")
         trainer, train = _run_steps(config)
         bf16[mode] = trainer
         assert trainer.dtype == "bf16"
@@ -182,17 +182,17 @@ def test_bf16_modes_train_like_fp32_with_fp32_weights_and_the_copy_resumes_exact
     for master, compute in copy.bf16_copy.pairs:
         assert torch.equal(compute, master.to(torch.bfloat16)) and compute.grad is None
 
-    # Stopped after step 10 and resumed: the copy is rebuilt from the checkpoint's fp32 weights
+    # Stopped after step 6 and resumed: the copy is rebuilt from the checkpoint's fp32 weights
     # and the run ends with exactly the weights of the uninterrupted one.
     resumed_dir = tmp_path / "resumed"
-    config = _config(gutenberg_dataset, resumed_dir, *common, "train.dtype=bf16", "checkpoint.every=10")
+    config = _config(gutenberg_dataset, resumed_dir, *common, "train.dtype=bf16", "checkpoint.every=6")
     first = Trainer(config, DistEnv())
-    for _ in range(10):
+    for _ in range(6):
         first.train_step()
     first.save(blocking=True)
     first.checkpointer.close()
     second = Trainer(config, DistEnv())
-    assert second.state.step == 10
+    assert second.state.step == 6
     second.fit()
     for a, b in zip(bf16["bf16_copy"].state.model.parameters(), second.state.model.parameters()):
         assert torch.equal(a, b)

@@ -2,9 +2,14 @@
 
     parallel = parallelize(model, config, env, device)   # before the optimizer is built
     for each micro-batch:
-        with parallel.gradient_sync(last_micro_batch), parallel.autocast:
+        with parallel.gradient_sync(last_micro_batch), parallel.step_autocast():
             loss_of(parallel.module(x)).backward()
+        parallel.after_backward()
     grad_norm = parallel.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step(); parallel.after_weights_change()
+
+With `train.dtype=bf16` in one process, `parallel.module` is by default a bf16 copy of the
+model (`train.bf16_mode=bf16_copy`, class Bf16Copy); the model itself keeps the fp32 weights.
 
 All wrapping happens here (as in torchtitan's `parallelize` module), in this order:
 
@@ -89,13 +94,19 @@ class Bf16Copy:
 @dataclass
 class Parallelized:
     module: nn.Module  # what the training step calls
-    autocast: contextlib.AbstractContextManager  # bf16 autocast for ddp; FSDP casts through its policy
+    # bf16 autocast for ddp (around evaluation forwards, and training forwards but a bf16 copy's);
+    # FSDP casts through its policy.
+    autocast: contextlib.AbstractContextManager
     description: str  # for the start-up log
     # Every forward is a collective (FSDP all-gathers the parameters): all ranks must run the
     # same forwards, text samples included.
     collective_forward: bool = False
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None
     bf16_copy: Bf16Copy | None = None  # train.bf16_mode=bf16_copy: `module` runs this copy
+
+    def step_autocast(self) -> contextlib.AbstractContextManager:
+        """Around a training forward: a bf16 copy computes in bf16 as it is."""
+        return contextlib.nullcontext() if self.bf16_copy is not None else self.autocast
 
     def after_backward(self) -> None:
         """After each micro-batch's backward: its gradients reach the fp32 weights."""
@@ -170,7 +181,8 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
         bf16_copy = Bf16Copy(model)
         wrapped = torch.compile(bf16_copy.module) if train.compile else bf16_copy.module
         description = f"one process, bf16 copy of the fp32 weights; {checkpointing}"
-        return Parallelized(wrapped, contextlib.nullcontext(), description, bf16_copy=bf16_copy)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)  # evaluation reads the fp32 weights
+        return Parallelized(wrapped, autocast, description, bf16_copy=bf16_copy)
     # Several DDP ranks autocast: DDP would all-reduce a bf16 copy's gradients in bf16.
     wrapped: nn.Module = torch.compile(model) if train.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -225,7 +225,7 @@ class Trainer:
         for micro in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.state.loader.next_batch())
             with self.parallel.gradient_sync(micro == accum - 1):
-                with self.parallel.autocast:
+                with self.parallel.step_autocast():
                     logits = self.parallel.module(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
                 del logits  # batch x context x vocab: the backward needs only what the loss saved
