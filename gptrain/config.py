@@ -152,9 +152,15 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 123
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA Ampere+, CPUs with
-    # AVX512-BF16 or AMX), fp32 elsewhere. Weights and optimizer state stay fp32 either way.
+    # auto: bf16 where the hardware computes bf16 natively (CUDA Ampere+, CPUs with AVX512-BF16
+    # or AMX), fp32 elsewhere. Weights and optimizer state stay fp32 either way.
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    # How bf16 computes (one process; multi-rank DDP always autocasts, FSDP casts through its
+    # policy). bf16_copy: forward and backward run on a bf16 copy of the model, refreshed from
+    # the fp32 weights after each optimizer step; each micro-batch's bf16 gradients are added
+    # to fp32 ones. autocast: torch.autocast recasts the fp32 weights on every micro-batch and
+    # keeps the residual stream, norms and activations in fp32.
+    bf16_mode: Literal["bf16_copy", "autocast"] = "bf16_copy"
     compile: bool = False
     log_every: int = 10
     # How the ranks share the work (gptrain/train/parallelize.py). ddp: every rank holds the

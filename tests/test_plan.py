@@ -27,8 +27,9 @@ def small_config(family: str, mode: str, dtype: str, **model) -> RunConfig:
     name = "gpt2-tiny" if family == "gpt2" else "llama-tiny"
     return RunConfig.from_dict({
         "model": {"name": name, **SMALL, **({"n_kv_heads": 2} if family == "llama" else {}), **model},
+        # The plan models bf16 as autocast (the fp32 model recast per micro-batch), not bf16_copy.
         "train": {"max_steps": 1, "micro_batch_size": 4, "device": "cpu", "dtype": dtype,
-                  "activation_checkpointing": mode},
+                  "bf16_mode": "autocast", "activation_checkpointing": mode},
     })
 
 

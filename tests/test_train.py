@@ -162,21 +162,46 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, gutenberg_dataset): 
         torch.testing.assert_close(q, p, atol=1e-4, rtol=0)
 
 
-def test_bf16_autocast_trains_like_fp32_with_fp32_weights(tmp_path, gutenberg_dataset):  # noqa: F811
-    # train.dtype=auto picks this path on CPUs with native bf16 (and on CUDA).
-    common = ["train.max_steps=20", "schedule.warmup_steps=0", "train.log_every=1", "eval.every=0",
-              "eval.sample_max_new_tokens=0", "logging.plot=false"]
+def test_bf16_modes_train_like_fp32_with_fp32_weights_and_the_copy_resumes_exactly(tmp_path, gutenberg_dataset):  # noqa: F811
+    # train.dtype=auto picks bf16 on CPUs with native bf16 (and on CUDA); bf16_copy is the default mode.
+    common = ["train.max_steps=12", "schedule.warmup_steps=0", "train.log_every=1", "eval.every=0",
+              "eval.sample_max_new_tokens=0", "logging.plot=false", "train.grad_accum_steps=2"]
     _, fp32_train = _run_steps(_config(gutenberg_dataset, tmp_path / "fp32", *common))
-    bf16, bf16_train = _run_steps(_config(gutenberg_dataset, tmp_path / "bf16", *common, "train.dtype=bf16"))
-    assert bf16.dtype == "bf16"
-    # Autocast computes in bf16 but keeps the weights and the AdamW moments in fp32.
-    assert {p.dtype for p in bf16.state.model.parameters()} == {torch.float32}
-    assert {s["exp_avg"].dtype for s in bf16.state.optimizer.state.values()} == {torch.float32}
     fp32_losses = [r["loss"] for r in fp32_train]
-    bf16_losses = [r["loss"] for r in bf16_train]
-    assert bf16_losses != fp32_losses  # bf16 matmuls really ran
-    assert max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)) < 0.1
-    assert bf16_losses[-1] < bf16_losses[0] - 1.0
+    bf16 = {}
+    for mode in ("autocast", "bf16_copy"):
+        config = _config(gutenberg_dataset, tmp_path / mode, *common, "train.dtype=bf16", f"train.bf16_mode={mode}",
+                         "checkpoint.every=6")
+        trainer, train = _run_steps(config)
+        bf16[mode] = trainer
+        assert trainer.dtype == "bf16"
+        # Both compute in bf16 but keep the weights, gradients and AdamW moments in fp32.
+        assert {p.dtype for p in trainer.state.model.parameters()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in trainer.state.optimizer.state.values()} == {torch.float32}
+        losses = [r["loss"] for r in train]
+        assert losses != fp32_losses  # bf16 matmuls really ran
+        assert max(abs(a - b) for a, b in zip(fp32_losses, losses)) < 0.1
+        assert losses[-1] < losses[0] - 1.0
+    copy = bf16["bf16_copy"].parallel
+    assert {p.dtype for p in copy.module.parameters()} == {torch.bfloat16}
+    # The copy holds the final fp32 weights rounded to bf16; no gradient is left on it.
+    for master, compute in copy.bf16_copy.pairs:
+        assert torch.equal(compute, master.to(torch.bfloat16)) and compute.grad is None
+
+    # Stopped after step 6 and resumed: the copy is rebuilt from the checkpoint's fp32 weights
+    # and the run ends with exactly the weights of the uninterrupted one.
+    resumed_dir = tmp_path / "resumed"
+    config = _config(gutenberg_dataset, resumed_dir, *common, "train.dtype=bf16", "checkpoint.every=6")
+    first = Trainer(config, DistEnv())
+    for _ in range(6):
+        first.train_step()
+    first.save(blocking=True)
+    first.checkpointer.close()
+    second = Trainer(config, DistEnv())
+    assert second.state.step == 6
+    second.fit()
+    for a, b in zip(bf16["bf16_copy"].state.model.parameters(), second.state.model.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,7 @@ class Trainer:
         # or checkpoint.init_from's weights for a fresh run. Nothing below draws random numbers.
         self.checkpointer = Checkpointer(config, self.dataset, self.device, lease)
         self.resumed = self.checkpointer.resume(self.state)
+        self.parallel.after_weights_change()  # a bf16 copy computes with the loaded weights
         self.tokens_per_step = config.tokens_per_step(env.world_size)
         self.total_steps = config.total_steps(self.tokens_per_step)
         if self.resumed is not None and config.train.max_tokens is not None:
@@ -215,6 +216,7 @@ class Trainer:
         grad_norm = self.parallel.clip_grad_norm_(state.model.parameters(), self.max_grad_norm)
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
+        self.parallel.after_weights_change()
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         return loss, grad_norm, lr
@@ -226,11 +228,12 @@ class Trainer:
         for micro in range(accum):
             x, y = (t.to(self.device, non_blocking=True) for t in self.state.loader.next_batch())
             with self.parallel.gradient_sync(micro == accum - 1):
-                with self.parallel.autocast:
+                with self.parallel.step_autocast():
                     logits = self.parallel.module(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
                 del logits  # batch x context x vocab: the backward needs only what the loss saved
                 loss.backward()
+            self.parallel.after_backward()
             total += loss.detach()
         return total
 
