@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per rung (cpu: 5, cuda: 20)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU threads in all, split between the ranks (default: this process's CPUs, %(default)s)")
-    parser.add_argument("--rungs", help="comma-separated rung names to run (default: all); the settings stay cumulative")
+    parser.add_argument("--rungs",
+                        help="comma-separated rung names to run (default: all); the settings stay cumulative")
     parser.add_argument("--peak-tflops", type=float, help="the peak for MFU, per device (default: see above)")
     parser.add_argument("--time-budget-s", type=float,
                         help="start no rung after this many seconds (the rest are reported skipped)")

@@ -162,4 +162,6 @@ def check_workload(workload: Workload) -> None:
         if getattr(workload, key) < 1:
             raise GptrainError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(workload, key)}")
     if workload.warmup_steps < 1:
-        raise GptrainError(f"--warmup-steps must be >= 1 (the first step compiles and allocates), got {workload.warmup_steps}")
+        raise GptrainError(
+            f"--warmup-steps must be >= 1 (the first step compiles and allocates), got {workload.warmup_steps}"
+        )

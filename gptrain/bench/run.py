@@ -88,19 +88,24 @@ def _run_rung(rung: Rung, workload: Workload, dataset: str, run_dir: str,
         )
         for rank in range(world)
     ]
-    for process in ranks:
-        process.start()
     deadline, status = time.monotonic() + timeout_s, ""
-    while any(p.is_alive() for p in ranks):
-        bad = [p for p in ranks if p.exitcode not in (None, 0)]
-        if bad or time.monotonic() > deadline:
-            status = f"failed: {bad[0].name} exited with {bad[0].exitcode}" if bad else f"failed: over {timeout_s:g} s"
-            break
-        time.sleep(POLL_S)
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
-        process.join()
+    try:
+        for process in ranks:
+            process.start()
+        while any(p.is_alive() for p in ranks):
+            bad = [p for p in ranks if p.exitcode not in (None, 0)]
+            if bad or time.monotonic() > deadline:
+                status = f"failed: {bad[0].name} exited with {bad[0].exitcode}" if bad else (
+                    f"failed: over {timeout_s:g} s"
+                )
+                break
+            time.sleep(POLL_S)
+    finally:  # also when this process is interrupted: no rank outlives the benchmark
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+            if process.pid is not None:
+                process.join()
     if not status and any(p.exitcode != 0 for p in ranks):
         bad = next(p for p in ranks if p.exitcode != 0)
         status = f"failed: {bad.name} exited with {bad.exitcode}"
