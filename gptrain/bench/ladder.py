@@ -7,7 +7,9 @@ bonus 10, ch05/10_llm-training-speed), starting from the book's chapter-5 implem
                   per-tensor AdamW, 50,257-row embedding and head, eager, batch B, 1 process
     sdpa          scaled_dot_product_attention, causal mask implicit (flash kernels on GPU)
     fused-qkv     Q, K and V in one matmul
-    bf16          bf16 autocast compute (weights and optimizer state stay fp32)
+    bf16          bf16 autocast compute (weights and optimizer state stay fp32); on CUDA the
+                  fp32 rungs before it already run their matmuls in TF32, as the trainer
+                  always enables it (the book's "tensor cores" step)
     fused-adamw   AdamW's fused kernel (one pass per parameter)
     vocab-pad     embedding and head padded to 50,304 rows (a multiple of 64)
     compile       torch.compile of the model
