@@ -47,6 +47,9 @@ def test_cpu_ladder_writes_table_chart_and_json_with_every_rungs_tokens_per_s(tm
     assert list(rows) == ["baseline", "ddp-2", "fsdp-2"]
     for name, row in rows.items():
         assert row["status"] == "ok" and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1, row
+        # All ranks' windows of the timed step, each counted once: ranks x micro-batch x multiplier x context.
+        tokens = row["world_size"] * 1 * row["batch_multiplier"] * 32
+        assert row["tokens_per_s"] * row["seconds"] == pytest.approx(tokens), name
         assert row["peak_memory_gib"] > 0.1  # a process that imported torch
         assert f"{name}:" in printed and "tokens/s" in printed.split(f"{name}:")[1].splitlines()[0]
     assert rows["baseline"]["attention"] == "masked" and rows["baseline"]["world_size"] == 1

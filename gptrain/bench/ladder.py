@@ -147,7 +147,7 @@ def measure_rank(rung: Rung, workload: Workload, dataset: str, run_dir: str, env
         loss.item()
         synchronize()
         elapsed = time.perf_counter() - start
-        result = {
+        result = {  # tokens: of all ranks together (Trainer.tokens_per_step counts every rank's windows)
             "rank": env.rank, "seconds": elapsed, "tokens": trainer.tokens_per_step * workload.steps,
             "loss": loss.item(), "peak_memory_gib": peak_memory_gib(trainer.device),
             "dtype": trainer.dtype, "description": trainer.parallel.description,

@@ -119,11 +119,12 @@ def _run_rung(rung: Rung, workload: Workload, dataset: str, run_dir: str,
 
 
 def _combine(results: list[dict], rung: Rung, workload: Workload, peak_flops: float) -> dict[str, Any]:
-    """The rung's throughput (all ranks' tokens over the slowest rank's time) and memory."""
+    """The rung's throughput (the tokens of all ranks, which each rank's count covers, over the
+    slowest rank's time) and memory."""
     from gptrain.train.metrics import PeakFlops, mfu
 
     seconds = max(r["seconds"] for r in results)
-    tokens_per_s = sum(r["tokens"] for r in results) / seconds
+    tokens_per_s = results[0]["tokens"] / seconds
     flops_per_token = run_config(rung, workload, "unused", "unused").model.resolve().flops_per_token()
     # GPUs: each rank has its own device. CPU: the ranks share the one CPU that the peak is of.
     devices = rung.settings.world_size if workload.device == "cuda" else 1
