@@ -21,27 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-DOC_TOKENS = 50_000
-
-
-def build_dataset(root: Path, num_tokens: int) -> None:
-    from gptrain.array_task import ArrayTask
-    from gptrain.data.manifest import finalize
-    from gptrain.data.prepare import TaskOutput
-
-    params = {
-        "tokenizer": {"name": "gpt2", "extra_special_tokens": []}, "vocab_size": 50257, "eot_id": 50256,
-        "token_dtype": "uint16", "val_fraction": 0.0, "split_seed": 0, "shard_tokens": 16_000_000,
-        "languages": ["en"], "min_ascii_fraction": 0.9, "cleaning": {}, "dedup": {"enabled": False},
-    }
-    output = TaskOutput(str(root), ArrayTask(0, 1), params)
-    rng = np.random.default_rng(0)
-    for book_id in range(num_tokens // DOC_TOKENS):
-        output.add_document(book_id, "train", rng.integers(0, 50256, DOC_TOKENS - 1, dtype=np.uint16))
-    output.close("synthetic", sources=[])
-    finalize(str(root))
+from gptrain.data.synthetic import write_random_dataset
 
 
 def memory_kb() -> dict[str, int]:
@@ -86,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for size in [int(float(s)) for s in args.sizes.split(",")]:
             dataset = Path(tmp) / f"ds{size}"
-            build_dataset(dataset, size)
+            write_random_dataset(str(dataset), size)
             child = subprocess.run(
                 [sys.executable, __file__, "--measure", str(dataset), "--steps", str(args.steps)],
                 check=True, capture_output=True, text=True,

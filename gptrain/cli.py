@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "gptrain.models.cli",
     "gptrain.chat.cli",
     "gptrain.tokenizer",
+    "gptrain.bench.cli",
 ]
 
 

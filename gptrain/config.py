@@ -52,6 +52,10 @@ class ModelSection:
     d_ff: int | None = None  # not derived from d_model: set both when resizing
     dropout: float | None = None
     tie_embeddings: bool | None = None
+    # Implementation switches (gptrain.models.config.ModelConfig): same function, other speed.
+    attention: Literal["sdpa", "masked"] | None = None
+    fused_qkv: bool | None = None
+    vocab_pad_multiple: int | None = None
 
     def __post_init__(self) -> None:
         known = ", ".join(MODEL_CONFIGS)

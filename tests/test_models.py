@@ -174,5 +174,40 @@ def test_bad_model_configs_are_refused_with_the_key():
         get_model_config("llama-tiny", n_kv_heads=3)
     with pytest.raises(GptrainError, match="unknown model config keys"):
         get_model_config("gpt2-tiny", n_layer=3)
+    with pytest.raises(GptrainError, match="model.attention"):
+        get_model_config("gpt2-tiny", attention="flash")
+    with pytest.raises(GptrainError, match="model.vocab_pad_multiple"):
+        get_model_config("gpt2-tiny", vocab_pad_multiple=0)
     with pytest.raises(GptrainError, match="prompt of"):
         generate(Transformer(get_model_config("gpt2-tiny", context_length=8)), [[1] * 8], SamplingConfig())
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_implementation_switches_compute_the_same_function_from_the_same_checkpoint(name):
+    """`gptrain bench`'s rungs: the stored-mask attention, three Q/K/V matmuls and the unpadded
+    vocabulary load the default model's state dict (padding rows aside) and give its logits,
+    gradients and generations."""
+    import dataclasses
+
+    base = dataclasses.replace(MODEL_CONFIGS[name], context_length=32)
+    torch.manual_seed(0)
+    reference = Transformer(base)
+    ids = torch.randint(0, base.vocab_size, (2, 32))
+    expected = reference(ids)
+    expected.logsumexp(-1).mean().backward()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    expected_tokens = generate(reference.eval(), prompts, SamplingConfig(max_new_tokens=6))
+    textbook = dict(attention="masked", fused_qkv=False, vocab_pad_multiple=1)
+    for switches in [{"attention": "masked"}, {"fused_qkv": False}, {"vocab_pad_multiple": 1}, textbook]:
+        model = Transformer(dataclasses.replace(base, **switches))
+        shapes = {key: value.shape for key, value in model.state_dict().items()}
+        assert shapes.keys() == reference.state_dict().keys(), switches  # the mask is not persistent
+        model.load_state_dict({key: value[: shapes[key][0]] for key, value in reference.state_dict().items()})
+        logits = model(ids)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        logits.logsumexp(-1).mean().backward()
+        for (key, param), ref_param in zip(model.named_parameters(), reference.parameters()):
+            rows = param.shape[0]
+            torch.testing.assert_close(param.grad, ref_param.grad[:rows], atol=1e-6, rtol=1e-4, msg=f"{switches} {key}")
+        assert generate(model.eval(), prompts, SamplingConfig(max_new_tokens=6)) == expected_tokens, switches
+    assert Transformer(dataclasses.replace(base, vocab_pad_multiple=1)).tok_emb.weight.shape[0] == 50257

@@ -14,7 +14,7 @@ from typing import Literal
 
 from gptrain.errors import GptrainError
 
-VOCAB_PAD_MULTIPLE = 64  # embedding/head rows are padded so matmuls hit fast tile sizes
+VOCAB_PAD_MULTIPLE = 64  # embedding/head rows are padded so matmuls hit fast tile sizes (50,257 -> 50,304)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     init_std: float = 0.02
+    # Implementation switches: every setting computes the same function from the same weights
+    # (and checkpoints), only faster or slower; `gptrain bench` turns them on one at a time.
+    # attention: "sdpa" is scaled_dot_product_attention with an implicit causal mask; "masked"
+    # the textbook softmax(QK^T/sqrt(d) + mask) V with a stored context x context causal mask.
+    attention: Literal["sdpa", "masked"] = "sdpa"
+    # Q, K and V in one matmul (True) or three, over the rows of the same `qkv` weight.
+    fused_qkv: bool = True
+    vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE  # 1: no padding rows
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):
@@ -58,6 +66,10 @@ class ModelConfig:
             raise GptrainError(f"model.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise GptrainError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("sdpa", "masked"):
+            raise GptrainError(f"model.attention must be 'sdpa' or 'masked', got {self.attention!r}")
+        if self.vocab_pad_multiple < 1:
+            raise GptrainError(f"model.vocab_pad_multiple must be >= 1, got {self.vocab_pad_multiple}")
         if self.family == "llama" and self.head_dim % 2:
             raise GptrainError(f"RoPE needs an even head dimension, got {self.head_dim}")
 
@@ -71,7 +83,7 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        return math.ceil(self.vocab_size / self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     def num_parameters(self, include_padding: bool = False) -> int:
         """Unique parameters, from the shapes alone (tied embeddings counted once)."""

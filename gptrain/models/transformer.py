@@ -2,9 +2,12 @@
 
 GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP, biases, tied embeddings.
 Llama: RoPE, pre-RMSNorm blocks, SwiGLU MLP, grouped-query attention, no biases.
-Attention always goes through `scaled_dot_product_attention` (flash/memory-efficient kernels
-on GPU); training uses `is_causal=True` so no mask is stored or built. Q, K and V come from
-one fused projection and SwiGLU's gate and up projections from one, so each is a single matmul.
+Attention goes through `scaled_dot_product_attention` (flash/memory-efficient kernels on
+GPU); training uses `is_causal=True` so no mask is stored or built. Q, K and V come from one
+fused projection and SwiGLU's gate and up projections from one, so each is a single matmul.
+`ModelConfig.attention="masked"` and `fused_qkv=False` switch to the textbook implementations
+(a stored causal mask and softmax; three Q/K/V matmuls over the rows of the same weight) for
+`gptrain bench`'s ladder: the same function and the same checkpoints, only slower.
 
 The embedding and output head are padded to a multiple of 64 rows; `forward` returns logits
 for the real vocabulary only, so padding rows are never sampled and never in the loss (on
@@ -78,11 +81,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.qkv_bias)
         self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+        self.fused_qkv, self.masked = config.fused_qkv, config.attention == "masked"
+        if self.masked:
+            # True above the diagonal: the future positions a query must not see. Not persistent:
+            # derived from the config, never in checkpoints.
+            mask = torch.ones(config.context_length, config.context_length, dtype=torch.bool).triu(1)
+            self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x, rope=None, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            weights = self.qkv.weight.split([q_size, kv_size, kv_size])
+            biases = self.qkv.bias.split([q_size, kv_size, kv_size]) if self.qkv.bias is not None else (None,) * 3
+            q, k, v = (F.linear(x, w, b) for w, b in zip(weights, biases))
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -90,14 +104,26 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        if self.masked:
+            y = self._masked_attention(q, k, v, attn_mask, dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, q_size))
+
+    def _masked_attention(self, q, k, v, attn_mask, dropout: float) -> torch.Tensor:
+        """softmax(QK^T/sqrt(d)) V with the stored causal mask (or `attn_mask`: True = attend)."""
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        seq, keys = q.shape[2], k.shape[2]
+        hidden = self.causal_mask[:seq, :keys] if attn_mask is None else ~attn_mask
+        weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
+        return F.dropout(weights, dropout, training=dropout > 0) @ v
 
 
 class GeluMLP(nn.Module):
@@ -179,6 +205,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """(Re)compute derived buffers; call after materialising a model built on `meta`."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.masked and not module.causal_mask.is_meta:
+                module.causal_mask.copy_(torch.ones_like(module.causal_mask).triu(1))
         if self.config.family != "llama" or self.rope_cos.is_meta:
             return
         inv_freq = rope_inverse_frequencies(self.config).to(self.rope_cos.device)
