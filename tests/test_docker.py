@@ -181,9 +181,11 @@ def test_demo_pipeline_runs_as_a_mapped_user_on_a_mounted_runs_folder(docker_dae
         return run_in_image(docker_daemon, *args, options=(*options, *(f"-e{name}" for name in env or {})), env=env)
 
     # scripts/demo.sh's steps, books and preset, with a 10-step training run.
-    books = re.search(r"^BOOKS=(\S+)$", DEMO_SCRIPT.read_text(), re.MULTILINE)[1]
+    books, split_seed = (re.search(rf"^{name}=(\S+)$", DEMO_SCRIPT.read_text(), re.MULTILINE)[1]
+                         for name in ("BOOKS", "SPLIT_SEED"))
     gptrain("data", "download", "--mirror", "/mirror", "--out", "runs/demo/books", "--ids", books)
-    gptrain("data", "prepare", "--input", "runs/demo/books", "--out", "runs/demo/dataset", "--no-finalize")
+    gptrain("data", "prepare", "--input", "runs/demo/books", "--out", "runs/demo/dataset", "--split-seed", split_seed,
+            "--no-finalize")
     gptrain("data", "finalize", "runs/demo/dataset")
     stats = gptrain("data", "stats", "runs/demo/dataset")
     gptrain(

@@ -7,9 +7,11 @@ bonus 10, ch05/10_llm-training-speed), starting from the book's chapter-5 implem
                   per-tensor AdamW, 50,257-row embedding and head, eager, batch B, 1 process
     sdpa          scaled_dot_product_attention, causal mask implicit (flash kernels on GPU)
     fused-qkv     Q, K and V in one matmul
-    bf16          bf16 autocast compute (weights and optimizer state stay fp32); on CUDA the
-                  fp32 rungs before it already run their matmuls in TF32, as the trainer
-                  always enables it (the book's "tensor cores" step)
+    bf16          bf16 compute, the trainer's default train.bf16_mode (one process: a bf16
+                  copy of the fp32 weights; the DDP rungs autocast, FSDP casts by its policy);
+                  weights and optimizer state stay fp32. On CUDA the fp32 rungs before it
+                  already run their matmuls in TF32, as the trainer always enables it (the
+                  book's "tensor cores" step)
     fused-adamw   AdamW's fused kernel (one pass per parameter)
     vocab-pad     embedding and head padded to 50,304 rows (a multiple of 64)
     compile       torch.compile of the model
@@ -65,7 +67,7 @@ def ladder(batch_multiplier: int) -> list[Rung]:
         ("baseline", "stored causal mask, separate Q/K/V, fp32, AdamW, vocab 50,257, eager", {}),
         ("sdpa", "scaled_dot_product_attention (no stored mask)", {"attention": "sdpa"}),
         ("fused-qkv", "one Q/K/V matmul", {"fused_qkv": True}),
-        ("bf16", "bf16 autocast", {"dtype": "bf16"}),
+        ("bf16", "bf16 compute (fp32 master weights)", {"dtype": "bf16"}),
         ("fused-adamw", "fused AdamW kernel", {"fused_adamw": True}),
         ("vocab-pad", "vocabulary padded 50,257 -> 50,304", {"vocab_pad_multiple": 64}),
         ("compile", "torch.compile", {"compile": True}),
