@@ -248,6 +248,8 @@ class Transformer(nn.Module):
             x = block(x, rope, attn_mask, kv_caches[i] if kv_caches is not None else None)
         x = self.norm_f(x)
         vocab = self.config.vocab_size
+        if self.lm_head.weight.shape[0] == vocab:  # no padding rows: no slice to carry through backward
+            return self.lm_head(x)
         if x.device.type == "cpu":
             # Only the head's real rows (a contiguous view): slicing padded logits instead would
             # copy them into a contiguous tensor for the loss and, in backward, zero-fill and copy

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gptrain import storage
 from gptrain.checkpoint.checkpointer import Checkpointer
@@ -230,7 +229,7 @@ class Trainer:
             with self.parallel.gradient_sync(micro == accum - 1):
                 with self.parallel.step_autocast():
                     logits = self.parallel.module(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / accum
+                loss = self.parallel.loss(logits, y) / accum
                 del logits  # batch x context x vocab: the backward needs only what the loss saved
                 loss.backward()
             self.parallel.after_backward()
