@@ -3,13 +3,14 @@
     parallel = parallelize(model, config, env, device)   # before the optimizer is built
     for each micro-batch:
         with parallel.gradient_sync(last_micro_batch), parallel.step_autocast():
-            loss_of(parallel.module(x)).backward()
+            parallel.loss(parallel.module(x), y).backward()
         parallel.after_backward()
     grad_norm = parallel.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step(); parallel.after_weights_change()
 
 With `train.dtype=bf16` in one process, `parallel.module` is by default a bf16 copy of the
 model (`train.bf16_mode=bf16_copy`, class Bf16Copy); the model itself keeps the fp32 weights.
+`parallel.loss` is the token cross-entropy, compiled along with the model.
 
 All wrapping happens here (as in torchtitan's `parallelize` module), in this order:
 
