@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from gptrain.config import EvalConfig
 from gptrain.data.loader import TokenDataset, eval_batches
 from gptrain.distributed import DistEnv, all_reduce_sum
 from gptrain.models.generation import SamplingConfig, generate
 from gptrain.models.transformer import Transformer
+from gptrain.train.parallelize import token_cross_entropy
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def validation_loss(
         x, y = x.to(device), y.to(device)
         with autocast:
             logits = model(x)
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+        totals[0] += token_cross_entropy(logits, y, reduction="sum")
         totals[1] += y.numel()
     all_reduce_sum(totals)
     model.train(was_training)

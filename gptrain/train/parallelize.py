@@ -103,9 +103,10 @@ class Bf16Copy:
             compute.grad = None
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy, with the log-softmax taken in fp32 over bf16 logits."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The next-token cross-entropy (mean or sum over tokens), with the log-softmax taken in fp32
+    over bf16 logits: the training loss and the validation loss."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
     # Compiled, the loss reads the bf16 logits once and widens them inside its fused kernels:
     # no fp32 copy of the batch x context x vocab logits is written (GPT-2 at context 256,
     # batch 2 on 2 CPU cores: 45 ms forward and backward against 170 ms eager).
-    loss = torch.compile(token_cross_entropy, **_compile_options(device)) if train.compile else token_cross_entropy
+    loss = _compiled(token_cross_entropy, train.compile, device)
     if train.parallelism == "fsdp" and _has_process_group():
         if train.compile:
             for block in model.blocks:
@@ -202,12 +203,12 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
     model.to(device)
     if bf16 and train.bf16_mode == "bf16_copy" and env.world_size == 1:
         bf16_copy = Bf16Copy(model)
-        wrapped = torch.compile(bf16_copy.module, **_compile_options(device)) if train.compile else bf16_copy.module
+        wrapped = _compiled(bf16_copy.module, train.compile, device)
         description = f"one process, bf16 copy of the fp32 weights; {checkpointing}"
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)  # evaluation reads the fp32 weights
         return Parallelized(wrapped, loss, autocast, description, bf16_copy=bf16_copy)
     # Several DDP ranks autocast: DDP would all-reduce a bf16 copy's gradients in bf16.
-    wrapped: nn.Module = torch.compile(model, **_compile_options(device)) if train.compile else model
+    wrapped: nn.Module = _compiled(model, train.compile, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if env.world_size == 1:
         return Parallelized(wrapped, loss, autocast, f"one process; {checkpointing}")
@@ -229,6 +230,11 @@ def _compile_options(device: torch.device) -> dict:
     mode (`fallback_random`): Inductor's own generator, element by element, cost GPT-2 124M
     0.15 s more per step (context 256, batch 2, 2 cores). CUDA keeps Inductor's fused Philox."""
     return {"options": {"fallback_random": True}} if device.type == "cpu" else {}
+
+
+def _compiled(target, enabled: bool, device: torch.device):
+    """`target` (a module or a function) under torch.compile when `train.compile` is on."""
+    return torch.compile(target, **_compile_options(device)) if enabled else target
 
 
 def _has_process_group() -> bool:
