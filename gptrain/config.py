@@ -56,6 +56,7 @@ class ModelSection:
     attention: Literal["sdpa", "masked"] | None = None
     fused_qkv: bool | None = None
     vocab_pad_multiple: int | None = None
+    dropout_masks: Literal["hash", "aten"] | None = None
 
     def __post_init__(self) -> None:
         known = ", ".join(MODEL_CONFIGS)

@@ -53,6 +53,10 @@ class ModelConfig:
     # Q, K and V in one matmul (True) or three, over the rows of the same `qkv` weight.
     fused_qkv: bool = True
     vocab_pad_multiple: int = VOCAB_PAD_MULTIPLE  # 1: no padding rows
+    # Dropout masks: "hash" derives them from a counter hash in compiled CPU graphs (aten's
+    # elsewhere; models/dropout.py says why), "aten" always draws them from aten's generator.
+    # The same drop probability either way, different draws.
+    dropout_masks: Literal["hash", "aten"] = "hash"
 
     def __post_init__(self) -> None:
         if self.family not in ("gpt2", "llama"):
@@ -68,6 +72,8 @@ class ModelConfig:
             raise GptrainError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("sdpa", "masked"):
             raise GptrainError(f"model.attention must be 'sdpa' or 'masked', got {self.attention!r}")
+        if self.dropout_masks not in ("hash", "aten"):
+            raise GptrainError(f"model.dropout_masks must be 'hash' or 'aten', got {self.dropout_masks!r}")
         if self.vocab_pad_multiple < 1:
             raise GptrainError(f"model.vocab_pad_multiple must be >= 1, got {self.vocab_pad_multiple}")
         if self.family == "llama" and self.head_dim % 2:

@@ -5,6 +5,8 @@ Llama: RoPE, pre-RMSNorm blocks, SwiGLU MLP, grouped-query attention, no biases.
 Attention goes through `scaled_dot_product_attention` (flash/memory-efficient kernels on
 GPU); training uses `is_causal=True` so no mask is stored or built. Q, K and V come from one
 fused projection and SwiGLU's gate and up projections from one, so each is a single matmul.
+Compiled for CPU with dropout, attention is spelled out instead (CPU SDPA computes the same math
+when it drops) so that its dropout masks come from the counter hash of models/dropout.py.
 `ModelConfig.attention="masked"` and `fused_qkv=False` switch to the textbook implementations
 (a stored causal mask and softmax; three Q/K/V matmuls over the rows of the same weight) for
 `gptrain bench`'s ladder: the same function and the same checkpoints, only slower.
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptrain.models.config import ModelConfig
+from gptrain.models.dropout import Dropout, dropout, uses_hash_masks
 
 
 class KVCache:
@@ -80,7 +83,7 @@ class Attention(nn.Module):
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.qkv_bias)
         self.proj = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
-        self.dropout = config.dropout
+        self.dropout, self.dropout_masks = config.dropout, config.dropout_masks
         self.fused_qkv, self.masked = config.fused_qkv, config.attention == "masked"
         if self.masked:
             # True above the diagonal: the future positions a query must not see. Not persistent:
@@ -104,26 +107,35 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        dropout = self.dropout if self.training else 0.0
-        if self.masked:
-            y = self._masked_attention(q, k, v, attn_mask, dropout)
+        p = self.dropout if self.training else 0.0
+        if self.masked or (p > 0 and uses_hash_masks(q, self.dropout_masks)):
+            # CPU SDPA with dropout runs this math anyway (no fused kernel drops on CPU); spelled
+            # out, the attention weights' dropout mask comes from the counter hash when compiled.
+            y = self._explicit_attention(q, k, v, attn_mask, p)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=attn_mask is None,
+                q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=attn_mask is None,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         return self.proj(y.transpose(1, 2).reshape(batch, seq, q_size))
 
-    def _masked_attention(self, q, k, v, attn_mask, dropout: float) -> torch.Tensor:
-        """softmax(QK^T/sqrt(d)) V with the stored causal mask (or `attn_mask`: True = attend)."""
+    def _explicit_attention(self, q, k, v, attn_mask, p: float) -> torch.Tensor:
+        """softmax(QK^T/sqrt(d)) V, causal through the stored mask in `masked` mode (else built
+        from the shape, which compiles to an index comparison), or through `attn_mask`
+        (True = attend)."""
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         seq, keys = q.shape[2], k.shape[2]
-        hidden = self.causal_mask[:seq, :keys] if attn_mask is None else ~attn_mask
+        if attn_mask is not None:
+            hidden = ~attn_mask
+        elif self.masked:
+            hidden = self.causal_mask[:seq, :keys]
+        else:
+            hidden = torch.ones(seq, keys, dtype=torch.bool, device=q.device).triu(keys - seq + 1)
         weights = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
-        return F.dropout(weights, dropout, training=dropout > 0) @ v
+        return dropout(weights, p, p > 0, self.dropout_masks) @ v
 
 
 class GeluMLP(nn.Module):
@@ -160,7 +172,7 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.norm2 = make_norm(config)
         self.mlp = GeluMLP(config) if config.family == "gpt2" else SwiGLU(config)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout, config.dropout_masks)
 
     def forward(self, x, rope=None, attn_mask=None, kv_cache=None) -> torch.Tensor:
         x = x + self.resid_dropout(self.attn(self.norm1(x), rope, attn_mask, kv_cache))
@@ -173,7 +185,7 @@ class Transformer(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.context_length, config.d_model) if config.family == "gpt2" else None
-        self.emb_dropout = nn.Dropout(config.dropout)
+        self.emb_dropout = Dropout(config.dropout, config.dropout_masks)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)

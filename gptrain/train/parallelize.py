@@ -226,9 +226,10 @@ def parallelize(model: Transformer, config: RunConfig, env: DistEnv, device: tor
 
 
 def _compile_options(device: torch.device) -> dict:
-    """torch.compile's options. On CPU, dropout masks come from aten's random kernels as in eager
-    mode (`fallback_random`): Inductor's own generator, element by element, cost GPT-2 124M
-    0.15 s more per step (context 256, batch 2, 2 cores). CUDA keeps Inductor's fused Philox."""
+    """torch.compile's options. On CPU, random ops (the dropout masks' keys, or with
+    `model.dropout_masks=aten` the masks themselves) come from aten's kernels as in eager mode
+    (`fallback_random`): Inductor's own generator, element by element, cost GPT-2 124M 0.15 s
+    more per step (context 256, batch 2, 2 cores). CUDA keeps Inductor's fused Philox."""
     return {"options": {"fallback_random": True}} if device.type == "cpu" else {}
 
 
