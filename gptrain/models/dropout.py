@@ -9,8 +9,8 @@ hash(element index, keys): integer multiplies, shifts and xors that Inductor vec
 fuses into the kernels around them. Over one attention-weights tensor of that model
 (2 x 12 x 256 x 256, bf16) dropout took 1.0-1.4 ms forward and backward, aten's 11.5 ms.
 
-The mask is a pure function of the keys, so backward recomputes it rather than storing it.
-Because the keys come from the global generator, checkpointed RNG states still reproduce
+The mask is a pure function of the keys: backward recomputes it from them (`dropout` says how
+it sees to that) instead of keeping a mask of the tensor's size. Because the keys come from the global generator, checkpointed RNG states still reproduce
 every mask on resume, ranks seeded apart still drop differently, and activation
 checkpointing's replayed RNG state replays the keys.
 
@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 _INT32 = torch.iinfo(torch.int32)
 _GOLDEN = -1640531527  # 0x9E3779B9 (2^32 / golden ratio, odd) as a signed int32
@@ -60,32 +61,16 @@ def hash_keep_mask(shape: torch.Size, p: float, keys: torch.Tensor) -> torch.Ten
     return (bits & 0xFFFFFF) >= round(p * (1 << 24))
 
 
-def _masked_scaled(x: torch.Tensor, p: float, keys: torch.Tensor) -> torch.Tensor:
-    return torch.where(hash_keep_mask(x.shape, p, keys), x * (1.0 / (1.0 - p)), 0.0)
-
-
-class _HashDropout(torch.autograd.Function):
-    """x·mask/(1-p) with the mask a function of `keys`: backward recomputes the mask from the
-    two keys instead of keeping a mask of x's size (the min-cut partitioner would store one)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, keys: torch.Tensor) -> torch.Tensor:
-        ctx.p = p
-        ctx.save_for_backward(keys)
-        return _masked_scaled(x, p, keys)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keys,) = ctx.saved_tensors
-        return _masked_scaled(grad, ctx.p, keys), None, None
-
-
 def dropout(x: torch.Tensor, p: float, training: bool, masks: str = "hash") -> torch.Tensor:
     """`F.dropout(x, p, training)`, with the mask from the counter hash where that applies."""
     if not training or p == 0.0 or not uses_hash_masks(x, masks):
         return F.dropout(x, p, training)
     keys = torch.randint(_INT32.min, _INT32.max, (2,), dtype=torch.int32, device=x.device)
-    return _HashDropout.apply(x, p, keys)
+    # Under checkpoint, the compiled graph marks the hash "recompute": backward derives the mask
+    # again from the two keys. Left to itself the partitioner would store a bool mask of x's
+    # size (its recompute allowlist lacks bitwise and/xor), and writing it cost more than the hash.
+    keep = checkpoint(hash_keep_mask, x.shape, p, keys, use_reentrant=False)
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
 
 
 class Dropout(nn.Dropout):
