@@ -523,16 +523,17 @@ def test_cpu_smoke_pretrain_pods_train_with_world_size_2_and_resume_after_preemp
         proc.send_signal(signal.SIGTERM)
     preempted = smoke_pods.wait(started)
     assert [status for status, _ in preempted] == [EXIT_PREEMPTED] * 2, preempted[0][1][-3000:]
+    # The preemption checkpoint: the step the ranks had finished when SIGTERM arrived, `every`
+    # itself when it landed right at that step's end (then that checkpoint is the one to resume).
+    preempted_at = _newest_commit(run_dir)
+    assert every <= preempted_at < max_steps
     # The Job controller replaces such pods without counting a failure; the replacements
     # (same indexes, same command) resume from the preemption checkpoint and finish.
     assert pod_failure_action(job, {"gptrain": EXIT_PREEMPTED}) == "Ignore"
     logs = smoke_pods.run_job("pretrain", pretrain_network)
 
-    committed = sorted(int(p.name.removeprefix("step-")) for p in (run_dir / "checkpoints").glob("step-*")
-                       if (p / "commit.json").exists())
-    resumed_from = [step for step in committed if every < step < max_steps]  # the preemption checkpoint
-    assert committed[-1] == max_steps and len(resumed_from) == 1, committed
-    assert f"step-{resumed_from[0]}" in logs[0]  # rank 0 says where it resumed
+    assert _newest_commit(run_dir) == max_steps
+    assert f"step-{preempted_at}" in logs[0]  # rank 0 says where it resumed
     # One model trained by 2 ranks: every step consumed both ranks' batches.
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r.get("kind") == "train"][-1]
