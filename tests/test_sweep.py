@@ -330,13 +330,20 @@ def test_killed_and_preempted_trials_resume_to_the_uninterrupted_losses(debug_sw
             logs[index] = open(tmp_path / f"trial-{index}.log", "wb")
             procs[index] = subprocess.Popen([GPTRAIN, *_run(sweep_dir, gutenberg_dataset, "--index", str(index))],
                                             stdout=logs[index], stderr=subprocess.STDOUT)
-        for index, signum in signals.items():
-            marker = sweep_dir / plan.trials[index].folder / "checkpoints" / f"step-{CHECKPOINT_EVERY}" / "commit.json"
-            deadline = time.monotonic() + 240
-            while not marker.exists() and procs[index].poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert marker.exists(), (tmp_path / f"trial-{index}.log").read_text()[-3000:]
-            procs[index].send_signal(signum)
+        # Each trial gets its signal as soon as its own step-10 checkpoint is committed: waiting
+        # for one trial first would let the other run on, up to its last step.
+        markers = {index: sweep_dir / plan.trials[index].folder / "checkpoints" / f"step-{CHECKPOINT_EVERY}"
+                   / "commit.json" for index in signals}
+        deadline = time.monotonic() + 240
+        while markers and time.monotonic() < deadline:
+            for index, marker in list(markers.items()):
+                if marker.exists():
+                    procs[index].send_signal(signals[index])
+                    del markers[index]
+                else:
+                    assert procs[index].poll() is None, (tmp_path / f"trial-{index}.log").read_text()[-3000:]
+            time.sleep(0.05)
+        assert not markers, {index: (tmp_path / f"trial-{index}.log").read_text()[-3000:] for index in markers}
         assert procs[3].wait(60) == -signal.SIGKILL
         assert procs[2].wait(60) == EXIT_PREEMPTED, (tmp_path / "trial-2.log").read_text()[-3000:]
     finally:
