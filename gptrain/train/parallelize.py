@@ -9,7 +9,7 @@
     optimizer.step(); parallel.after_weights_change()
 
 With `train.dtype=bf16` in one process, `parallel.module` is by default a bf16 copy of the
-model (`train.bf16_mode=bf16_copy`, class Bf16Copy); the model itself keeps the fp32 weights.
+model (`train.bf16_mode=bf16_copy`, gptrain.train.bf16_copy); the model keeps the fp32 weights.
 `parallel.loss` is the token cross-entropy, compiled along with the model.
 
 All wrapping happens here (as in torchtitan's `parallelize` module), in this order:
@@ -42,7 +42,6 @@ the last micro-batch reduce-scatters them). Clipping takes the norm over all ran
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -55,52 +54,7 @@ from gptrain.config import RunConfig
 from gptrain.distributed import DistEnv
 from gptrain.errors import GptrainError
 from gptrain.models.transformer import Transformer
-
-
-class Bf16Copy:
-    """A bf16 copy of the model that runs forward and backward, while the fp32 model keeps the
-    master weights that the optimizer updates, checkpoints save and evaluation reads.
-
-    Autocast instead recasts every weight to bf16 in each micro-batch's forward and its
-    gradient back to fp32 in the backward, and runs norms, activations and the residual stream
-    in fp32: on a CPU that traffic costs more than the bf16 matmuls save. Here the weights are
-    cast once per optimizer step (`refresh`), and each micro-batch's bf16 gradients are added
-    to fp32 ones (`accumulate_gradients`), so accumulation and the optimizer stay fp32 as
-    under autocast (a matmul weight's gradient is even the same: autocast's is also bf16 cast up).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.module = copy.deepcopy(model).to(torch.bfloat16)
-        # deepcopy keeps the parameter order and the tied weights: the two lists pair up.
-        self.pairs = list(zip(model.parameters(), self.module.parameters()))
-        # The fp32 gradients live in buffers allocated once, and the bf16 ones are widened
-        # through one scratch buffer: on a CPU, a fresh 0.6 GB tensor per step (GPT-2 124M)
-        # costs its page faults, 0.15-0.25 s against 0.02 s for the copy into a reused buffer,
-        # and adding bf16 to fp32 in place is 5x slower than a widening copy plus an fp32 add.
-        self.gradients: list[torch.Tensor] | None = None
-        self.scratch: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Copy the fp32 weights into the bf16 ones (after each optimizer step and any load)."""
-        for master, compute in self.pairs:
-            compute.copy_(master)
-
-    @torch.no_grad()
-    def accumulate_gradients(self) -> None:
-        """Add the bf16 gradients of the last backward to the fp32 weights' gradients."""
-        if self.gradients is None:
-            self.gradients = [torch.empty_like(master) for master, _ in self.pairs]
-            largest = max(master.numel() for master, _ in self.pairs)
-            self.scratch = torch.empty(largest, dtype=torch.float32, device=self.pairs[0][0].device)
-        for (master, compute), gradient in zip(self.pairs, self.gradients):
-            if compute.grad is None:
-                continue
-            if master.grad is None:  # the step's first micro-batch (zero_grad set it to None)
-                master.grad = gradient.copy_(compute.grad)
-            else:
-                master.grad.add_(self.scratch[: gradient.numel()].view_as(gradient).copy_(compute.grad))
-            compute.grad = None
+from gptrain.train.bf16_copy import Bf16Copy
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
