@@ -44,8 +44,8 @@ class TokenRows(nn.Module):
         self.weight = weight  # tied: the output head's weight, whose gradient autograd computes
         self.lookups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token ids, rows) since the last accumulate
 
-    # Outside torch.compile's graph: a compiled graph would differentiate the rows it receives
-    # like any input, but it cannot hand back the leaf whose `.grad` the backward fills.
+    # Eager, before the compiled rest of the model (a graph break): the rows must be a real
+    # leaf tensor, whose `.grad` the backward fills, and a traced graph makes none.
     @torch.compiler.disable
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(idx, self.weight.detach())
