@@ -1,6 +1,9 @@
-"""Device and dtype choice, shared by training, generation and chat."""
+"""Device and dtype choice, shared by training, generation and chat; CPU memory reuse for training."""
 
 from __future__ import annotations
+
+import ctypes
+import platform
 
 import torch
 
@@ -51,3 +54,26 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     if name not in DTYPES:
         raise GptrainError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# glibc's mallopt(3) parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation instead of returning it to
+    the kernel; returns whether it could (glibc only). What CUDA's caching allocator does on GPUs.
+
+    A training step on the CPU frees and reallocates the same large buffers every step
+    (activations, logits, gradients). By default glibc maps each block over 32 MiB afresh and
+    trims the heap's free top, so each step faults those pages in again and the kernel zeroes
+    them: GPT-2 124M at context 256, batch 2 on two cores took 37,000-117,000 minor faults a step
+    (150-450 MiB), and its step time rose with them, from 0.80 s to 0.96 s. With every block in
+    the heap and no trimming, later steps fault 0-1,300 pages. Process-wide,
+    like torch.set_num_threads; the process keeps its peak heap until it exits.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already uses
+    # The threshold is a C int: 2 GiB, far above what a step frees at once.
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -36,6 +36,7 @@ from gptrain.checkpoint.checkpointer import Checkpointer
 from gptrain.checkpoint.lease import RunLease, hold_run_lease
 from gptrain.checkpoint.preemption import Preemption, PreemptionHandler
 from gptrain.config import RunConfig, lr_at
+from gptrain.device import keep_freed_cpu_memory
 from gptrain.data.loader import TokenDataset, TokenLoader
 from gptrain.distributed import (
     DistEnv, all_reduce_mean, barrier, broadcast_object, destroy_distributed, init_distributed,
@@ -113,6 +114,8 @@ class Trainer:
         if device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (bf16 runs compute in bf16)
             torch.backends.cudnn.allow_tf32 = True
+        else:
+            keep_freed_cpu_memory()  # no page faults for the buffers every step reallocates
 
         self.model_config = config.model.resolve()
         self.dataset = open_dataset(config, self.model_config, env.world_size)
