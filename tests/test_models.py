@@ -59,6 +59,31 @@ def test_training_logits_are_the_padded_heads_and_padding_rows_get_no_gradient()
     assert grad.shape == (50304, 64) and grad[50257:].count_nonzero() == 0 and grad[:50257].count_nonzero() > 0
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cpu_head_in_blocks_is_bit_identical_to_one_matmul(dtype, compiled):
+    # 10,001 rows: two whole blocks of 4,096 and a partial one; 2 x 300 tokens: two blocks of
+    # 256 and a partial one.
+    from gptrain.models.head import ROWS_PER_BLOCK, project_to_vocabulary
+
+    vocab = 2 * ROWS_PER_BLOCK + 1809
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 300, 96, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, 96, dtype=dtype, requires_grad=True)
+    grad_logits = torch.randn(2, 300, vocab, dtype=dtype)
+
+    def gradients(head):
+        hidden.grad = weight.grad = None
+        logits = head(hidden, weight)
+        logits.backward(grad_logits)
+        return logits.detach(), hidden.grad, weight.grad
+
+    head = torch.compile(project_to_vocabulary, fullgraph=True) if compiled else project_to_vocabulary
+    expected = gradients(torch.nn.functional.linear)
+    for got, want in zip(gradients(head), expected):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_compile_fullgraph_matches_eager(name):
     torch.manual_seed(0)

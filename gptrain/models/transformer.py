@@ -27,6 +27,7 @@ from torch import nn
 
 from gptrain.models.config import ModelConfig
 from gptrain.models.dropout import Dropout, dropout, uses_hash_masks
+from gptrain.models.head import project_to_vocabulary
 
 
 class KVCache:
@@ -260,13 +261,15 @@ class Transformer(nn.Module):
             x = block(x, rope, attn_mask, kv_caches[i] if kv_caches is not None else None)
         x = self.norm_f(x)
         vocab = self.config.vocab_size
-        if self.lm_head.weight.shape[0] == vocab:  # no padding rows: no slice to carry through backward
-            return self.lm_head(x)
         if x.device.type == "cpu":
             # Only the head's real rows (a contiguous view): slicing padded logits instead would
             # copy them into a contiguous tensor for the loss and, in backward, zero-fill and copy
             # a padded gradient: 10-20% of a training step for small models (gpt2-tiny, -small-test).
-            return F.linear(x, self.lm_head.weight[:vocab])
+            # The weight gradient is taken in blocks of rows (models/head.py says why).
+            weight = self.lm_head.weight
+            return project_to_vocabulary(x, weight if weight.shape[0] == vocab else weight[:vocab])
+        if self.lm_head.weight.shape[0] == vocab:  # no padding rows: no slice to carry through backward
+            return self.lm_head(x)
         # GPUs: the padded matmul keeps the tile alignment the padding is for.
         logits = self.lm_head(x)
         return logits[..., :vocab] if self.config.padded_vocab_size != vocab else logits
