@@ -82,6 +82,12 @@ def test_cpu_head_in_blocks_is_bit_identical_to_one_matmul(dtype, compiled):
     expected = gradients(torch.nn.functional.linear)
     for got, want in zip(gradients(head), expected):
         assert got.dtype == dtype and torch.equal(got, want)
+    if dtype == torch.float32:  # under autocast it computes in bf16, as F.linear does
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = gradients(torch.nn.functional.linear)
+            got = gradients(head)
+        assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])

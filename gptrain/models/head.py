@@ -78,4 +78,10 @@ class _VocabProjection(torch.autograd.Function):
 def project_to_vocabulary(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(hidden, weight) for the output head on a CPU (hidden: (..., d_model), weight:
     (vocab, d_model)), its logits and weight gradient computed in blocks."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast casts only the ops on its lists, not custom ops: cast the operands as it
+        # casts F.linear's (the gradients flow back through the casts to the fp32 weights).
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     return _VocabProjection.apply(hidden, weight)
