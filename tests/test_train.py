@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -220,8 +221,6 @@ def test_cpu_training_reuses_freed_memory_without_page_faults():
     # What a training step does with its activations: large buffers, freed and allocated
     # again. By default glibc maps such a block afresh (49,152 pages faulted in); after
     # keep_freed_cpu_memory (the trainer calls it on CPU) the heap reuses the freed one.
-    import subprocess
-
     def faults(mode: str) -> int:
         run = subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATED_BUFFER, mode],
                              capture_output=True, text=True, check=True)

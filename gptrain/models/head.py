@@ -20,6 +20,7 @@ are rather than tracing their loops of matmuls into slices and concatenations.
 from __future__ import annotations
 
 import torch
+
 TOKENS_PER_BLOCK = 256
 ROWS_PER_BLOCK = 4096
 

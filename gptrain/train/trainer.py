@@ -36,8 +36,8 @@ from gptrain.checkpoint.checkpointer import Checkpointer
 from gptrain.checkpoint.lease import RunLease, hold_run_lease
 from gptrain.checkpoint.preemption import Preemption, PreemptionHandler
 from gptrain.config import RunConfig, lr_at
-from gptrain.device import keep_freed_cpu_memory
 from gptrain.data.loader import TokenDataset, TokenLoader
+from gptrain.device import keep_freed_cpu_memory
 from gptrain.distributed import (
     DistEnv, all_reduce_mean, barrier, broadcast_object, destroy_distributed, init_distributed,
 )
