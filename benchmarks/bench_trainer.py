@@ -29,7 +29,13 @@ adds more gptrain contenders). All contenders draw windows from the same prepare
 
 Timing: the machine is shared and noisy, so contenders run interleaved, one step each per round
 (a load change hits all alike), after warm-up rounds; each contender's median step over the
-rounds counts, and each ratio is also given as the median of the per-round ratios.
+rounds counts, and each ratio is also given as the median of the per-round ratios. Each
+contender lives in its own process and steps only when told to, so one runs at a time: each
+runs under its own process-wide settings, and one's freed memory or thread pool cannot help or
+hinder another. gptrain's Trainer sets glibc's malloc to keep freed memory on CPU
+(`keep_freed_cpu_memory`); each reference runs twice, as its script runs (glibc's defaults)
+and with that same setting ("+kept"), so that the ratios show what the setting is worth and
+what the rest of the step is.
 
     .venv/bin/python benchmarks/bench_trainer.py [--data DATASET] [--setups 256x2,1024x1] [--rounds 7]
 
@@ -40,7 +46,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import multiprocessing
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,6 +59,7 @@ import torch
 
 from gptrain.config import load_config
 from gptrain.data.loader import TokenDataset, TokenLoader
+from gptrain.device import keep_freed_cpu_memory
 from gptrain.distributed import DistEnv
 from gptrain.train.trainer import Trainer
 
@@ -84,8 +94,12 @@ def reference_config(vocab_size: int, context_length: int) -> dict:
             "n_layers": 12, "drop_rate": 0.1, "qkv_bias": False}
 
 
-def reference_step(script: str, context: int, batch: int, dataset: TokenDataset) -> Callable[[], None]:
-    """One step of the reference's training loop per call, on its model and optimizer settings."""
+def reference_step(script: str, kept_memory: bool, context: int, batch: int,
+                   dataset_path: str) -> Callable[[], None]:
+    """One step of the reference's training loop per call, on its model and optimizer settings;
+    `kept_memory`: under gptrain's malloc setting rather than glibc's defaults."""
+    if kept_memory:
+        keep_freed_cpu_memory()
     ref = load_reference(REFERENCE / script)
     device = torch.device("cpu")
     torch.manual_seed(123)
@@ -96,7 +110,7 @@ def reference_step(script: str, context: int, batch: int, dataset: TokenDataset)
         model = ref["GPTModel"](reference_config(50304, context)).to(device).to(torch.bfloat16)
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1, fused=True)
     model.train()
-    loader = TokenLoader(dataset, context, batch, seed=123)
+    loader = TokenLoader(TokenDataset(dataset_path), context, batch, seed=123)
     calc_loss_batch = ref["calc_loss_batch"]
 
     def step() -> None:
@@ -109,10 +123,77 @@ def reference_step(script: str, context: int, batch: int, dataset: TokenDataset)
     return step
 
 
-def trainer_step(config) -> Callable[[], None]:
+def trainer_step(overrides: list[str]) -> Callable[[], None]:
     """One optimizer step of gptrain's Trainer per call (`Trainer.train_step`, as `fit` runs it)."""
-    trainer = Trainer(config, DistEnv())
+    trainer = Trainer(load_config(PRESET, overrides), DistEnv())
     return lambda: trainer.train_step()
+
+
+def contender_process(build: Callable[..., Callable[[], None]], build_args: tuple, threads: int, pipe) -> None:
+    """A contender's own process: build its step, then time one step per "step" received."""
+    torch.set_num_threads(threads)
+    step = build(*build_args)
+    pipe.send("ready")
+    try:
+        while pipe.recv() == "step":
+            start = time.perf_counter()
+            step()
+            pipe.send(time.perf_counter() - start)
+    except (EOFError, BrokenPipeError):  # the benchmark's process is gone: nothing more to time
+        pass
+
+
+class Contenders:
+    """Contender processes, started one after another and stepped in lockstep rounds."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.pipes: dict = {}
+        self.processes: dict[str, multiprocessing.Process] = {}
+        # spawn, not fork: a fresh interpreter with nothing of this process's allocator state.
+        self.context = multiprocessing.get_context("spawn")
+
+    def add(self, name: str, build: Callable[..., Callable[[], None]], *build_args) -> None:
+        if name in self.pipes:
+            raise SystemExit(f"bench_trainer: two contenders are named {name!r}; rename the --variant")
+        pipe, child_pipe = self.context.Pipe()
+        process = self.context.Process(target=contender_process, args=(build, build_args, self.threads, child_pipe),
+                                       name=name, daemon=True)
+        process.start()
+        child_pipe.close()
+        self.pipes[name], self.processes[name] = pipe, process
+        self._reply(name)  # built before the next starts: two at once would share the cores
+
+    def round(self) -> dict[str, float]:
+        """One step of each contender in turn; each step's seconds as the contender measured them."""
+        return {name: self._reply(name, request="step") for name in self.pipes}
+
+    def _reply(self, name: str, request: str | None = None):
+        """The contender's next message, after sending it `request`."""
+        try:
+            if request is not None:
+                self.pipes[name].send(request)
+            return self.pipes[name].recv()
+        except (EOFError, BrokenPipeError):
+            process = self.processes[name]
+            process.join(5)
+            raise SystemExit(f"bench_trainer: contender {name!r} died (exit code {process.exitcode}; -9 is "
+                             "SIGKILL, as the kernel's OOM killer sends); any error of its is printed above") from None
+
+    def __enter__(self) -> Contenders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, process in self.processes.items():
+            if process.is_alive():
+                try:
+                    self.pipes[name].send("stop")
+                except OSError:  # its end is already closed
+                    pass
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def prepare_dataset(out: Path, mirror: Path = MIRROR) -> str:
@@ -127,47 +208,39 @@ def prepare_dataset(out: Path, mirror: Path = MIRROR) -> str:
 
 
 def run_pairing(context: int, batch: int, script: str, args, dataset_path: str, tmp: Path) -> None:
-    """gptrain's default (and any --variant) interleaved with one reference script's step."""
+    """One reference script's step, as it runs and "+kept", interleaved with gptrain's default
+    and any --variant."""
 
-    def config(name: str, *extra: str):
-        return load_config(PRESET, [
-            f"model.context_length={context}", f"train.micro_batch_size={batch}", "train.grad_accum_steps=1",
-            f"data.path={dataset_path}", f"train.run_dir={tmp / f'{context}x{batch}-{script}-{name}'}",
-            "train.max_steps=1000000", "train.max_tokens=null", "logging.plot=false", *args.set, *extra,
-        ])
+    def overrides(name: str, *extra: str) -> list[str]:
+        return [f"model.context_length={context}", f"train.micro_batch_size={batch}", "train.grad_accum_steps=1",
+                f"data.path={dataset_path}", f"train.run_dir={tmp / f'{context}x{batch}-{script}-{name}'}",
+                "train.max_steps=1000000", "train.max_tokens=null", "logging.plot=false", *args.set, *extra]
 
-    default = config("default")
-    train = default.train
-    reference = REFERENCE_NAMES[script]
-    runs = {reference: reference_step(script, context, batch, TokenDataset(dataset_path))}
-    runs[f"gptrain default ({train.resolved_dtype('cpu')} {train.bf16_mode}, compile={train.compile})"] = (
-        trainer_step(default)
-    )
-    for variant in args.variant:
-        name, _, overrides = variant.partition("=")
-        runs[f"gptrain {name}"] = trainer_step(config(name, *overrides.split(",")))
-    print(f"\n124M, context {context}, batch {batch}, {torch.get_num_threads()} threads, against {script}: "
-          f"{args.warmup} warm-up + {args.rounds} timed rounds, interleaved", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for round_index in range(args.warmup + args.rounds):
-        for name, step in runs.items():
-            start = time.perf_counter()
-            step()
-            if round_index >= args.warmup:
-                times[name].append(time.perf_counter() - start)
+    train = load_config(PRESET, overrides("default")).train
+    print(f"\n124M, context {context}, batch {batch}, {args.threads} threads, against {script}: {args.warmup} "
+          f"warm-up + {args.rounds} timed rounds, interleaved, each contender in its own process", flush=True)
+    references = [REFERENCE_NAMES[script], REFERENCE_NAMES[script] + "+kept"]
+    with Contenders(args.threads) as contenders:
+        for name, kept_memory in zip(references, (False, True)):
+            contenders.add(name, reference_step, script, kept_memory, context, batch, dataset_path)
+        contenders.add("gptrain", trainer_step, overrides("default"))
+        for variant in args.variant:
+            name, _, extra = variant.partition("=")
+            contenders.add(name, trainer_step, overrides(name, *extra.split(",")))
+        rounds = [contenders.round() for _ in range(args.warmup + args.rounds)][args.warmup:]
+    times = {name: [each[name] for each in rounds] for name in rounds[0]}
     tokens = context * batch
-    ref_median = statistics.median(times[reference])
-    for name in runs:
-        median = statistics.median(times[name])
-        per_round = statistics.median(r / t for r, t in zip(times[reference], times[name]))
-        print(f"  {name:<52} {median:6.3f} s/step {tokens / median:6,.0f} tok/s  {ref_median / median:4.2f}x "
-              f"{script.split('_')[0]} (median of per-round ratios {per_round:4.2f}x)", flush=True)
+    for name, steps in times.items():
+        median = statistics.median(steps)
+        ratios = [f"{statistics.median(times[ref]) / median:4.2f}x {ref} "
+                  f"({statistics.median(r / t for r, t in zip(times[ref], steps)):4.2f}x)"
+                  for ref in references if name not in references]
+        print(f"  {name:<16} {median:6.3f} s/step {tokens / median:6,.0f} tok/s  {'  '.join(ratios)}", flush=True)
+    print(f"  (gptrain: the default, {train.resolved_dtype('cpu')} {train.bf16_mode}, compile={train.compile}; "
+          "ratio of medians, then the median of per-round ratios in brackets)", flush=True)
 
 
-REFERENCE_NAMES = {
-    "00_orig.py": "00_orig (fp32, AdamW)",
-    "01_opt_single_gpu.py": "01_opt (bf16 model, fused AdamW, no compile)",
-}
+REFERENCE_NAMES = {"00_orig.py": "00_orig", "01_opt_single_gpu.py": "01_opt"}
 
 
 def main() -> None:
@@ -182,15 +255,16 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=key=value,key=value: one more gptrain contender (repeatable)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    # On SIGTERM too, leave through Contenders.__exit__, which stops the contenders' processes.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory() as tmp:
         dataset_path = args.data or prepare_dataset(Path(tmp))
         for setup in args.setups.split(","):
             context, batch = (int(part) for part in setup.split("x"))
             for script in args.against.split(","):
-                # One reference per interleaved run: all contenders' weights, gradients and
-                # AdamW moments stay in memory (~2.5 GB each at 124M); those of a run are freed
-                # before the next.
+                # One reference script per interleaved run: every contender's weights, gradients
+                # and AdamW moments stay in memory, and a "+kept" process keeps its peak heap
+                # (00_orig's is 7 GB at context 1024); those of a run are freed before the next.
                 run_pairing(context, batch, script, args, dataset_path, Path(tmp))
 
 
