@@ -145,15 +145,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             mirror.requests.append(Request(self.path, self.headers.get("User-Agent", ""), time.monotonic()))
             mirror._in_flight += 1
             mirror.max_in_flight = max(mirror.max_in_flight, mirror._in_flight)
-        try:
-            time.sleep(mirror.latency_s)
-            self._answer(mirror)
-        finally:
-            with mirror._lock:
-                mirror._in_flight -= 1
-
-    def _answer(self, mirror: FaultyMirror) -> None:
+        time.sleep(mirror.latency_s)
         fault = mirror._next_fault(self.path)
+        # A request is in flight, as its client sees it, from its arrival until its answer
+        # starts: the client may read a whole answer and send its next request before this
+        # thread has returned, and it gives up on a SLOW answer after its timeout to ask again.
+        with mirror._lock:
+            mirror._in_flight -= 1
+        self._answer(mirror, fault)
+
+    def _answer(self, mirror: FaultyMirror, fault: int | str | None) -> None:
         if fault == SLOW:
             time.sleep(mirror.slow_s)
         elif fault is not None:
