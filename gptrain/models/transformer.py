@@ -268,11 +268,10 @@ class Transformer(nn.Module):
             # The weight gradient is taken in blocks of rows (models/head.py says why).
             weight = self.lm_head.weight
             return project_to_vocabulary(x, weight if weight.shape[0] == vocab else weight[:vocab])
-        if self.lm_head.weight.shape[0] == vocab:  # no padding rows: no slice to carry through backward
-            return self.lm_head(x)
-        # GPUs: the padded matmul keeps the tile alignment the padding is for.
+        # GPUs: the padded matmul keeps the tile alignment the padding is for; without padding
+        # rows there is no slice to carry through backward.
         logits = self.lm_head(x)
-        return logits[..., :vocab] if self.config.padded_vocab_size != vocab else logits
+        return logits if logits.shape[-1] == vocab else logits[..., :vocab]
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:
         ref = self.tok_emb.weight
